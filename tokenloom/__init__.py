@@ -1,0 +1,1 @@
+"""tokenloom: local text generation."""
