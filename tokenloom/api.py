@@ -1,0 +1,149 @@
+"""The Python API: `load` a model, then `generate` / `stream` text with it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from tokenloom.config import GenerationConfig
+from tokenloom.engine.generate import TokenLoop
+from tokenloom.engine.output import TextStream
+from tokenloom.errors import PromptError, TokenloomError
+from tokenloom.outputs import Generation, StreamDelta
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise TokenloomError(f"invalid dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+         allow_pickle: bool = False, progress: bool = True) -> "Model":
+    """Load a model from a registry name, a checkpoint folder, a .gguf file or a Hub id.
+
+    With no argument, the default model (pulled into the local model cache on first use).
+    """
+    from tokenloom.loading.registry import DEFAULT_MODEL
+    from tokenloom.loading.resolve import resolve_model
+    from tokenloom.models import build_model
+    from tokenloom.tokenizer.tokenizer import Tokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    try:
+        device_t = torch.device(device)
+    except RuntimeError as e:
+        raise TokenloomError(f"invalid device {device!r}: {e}") from None
+    if device_t.type == "cuda" and not torch.cuda.is_available():
+        raise TokenloomError("device 'cuda' requested but no CUDA GPU is available")
+    source = resolve_model(model if model is not None else DEFAULT_MODEL, progress=progress)
+    if source.kind == "gguf":
+        from tokenloom.loading.gguf import gguf_to_hf_config, load_gguf_state_dict, read_gguf
+        f = read_gguf(source.path)
+        config = gguf_to_hf_config(f)
+        weights = load_gguf_state_dict(f, config, dtype=torch_dtype)
+        tokenizer = Tokenizer.from_gguf_metadata(f.metadata)
+        defaults: dict = {}
+    else:
+        from tokenloom.loading.checkpoint import load_hf_state_dict, read_generation_config, read_hf_config
+        config = read_hf_config(source.path)
+        weights = load_hf_state_dict(source.path, dtype=torch_dtype, allow_pickle=allow_pickle)
+        defaults = read_generation_config(source.path)
+        tokenizer = Tokenizer.from_folder(source.path, generation_config=defaults, config=config)
+    network = build_model(config, weights, torch_dtype).to(device_t)
+    return Model(network, tokenizer, GenerationConfig.from_model_defaults(defaults), name=source.name,
+                 path=source.path, dtype=torch_dtype, device=device_t, config=config)
+
+
+class Model:
+    """A loaded model with its tokenizer and default generation settings."""
+
+    def __init__(self, network, tokenizer, defaults: GenerationConfig, *, name: str = "model",
+                 path: Path | None = None, dtype=torch.float32, device=torch.device("cpu"), config: dict | None = None):
+        self.network, self.tokenizer, self.defaults = network, tokenizer, defaults
+        self.name, self.path, self.dtype, self.device = name, path, dtype, device
+        self.config = config or {}
+
+    @property
+    def context_length(self) -> int:
+        return self.network.max_positions
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, dtype={self.dtype}, device={self.device})"
+
+    # ------------------------------------------------------------------ generation
+
+    def generation_config(self, config: GenerationConfig | dict | None = None, **params) -> GenerationConfig:
+        """The settings a call would use: model defaults, then `config`, then keyword arguments."""
+        base = self.defaults
+        if isinstance(config, GenerationConfig):
+            base = config
+        elif isinstance(config, dict):
+            params = {**config, **params}
+        return GenerationConfig.from_dict(params, base=base)
+
+    def generate(self, prompt: str | list[str], config: GenerationConfig | dict | None = None,
+                 **params) -> Generation | list[Generation]:
+        """Generate continuations. One prompt and one sequence -> a Generation; else a list
+        (prompt-major: the `num_return_sequences` sequences of prompt 0 first)."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        cfg = self.generation_config(config, **params)
+        results: dict[int, Generation] = {}
+        for d in self._run(prompts, cfg):
+            g = results.setdefault(d.index, Generation("", [], None, d.index, d.prompt_index))
+            g.text += d.text
+            g.token_ids.extend(d.token_ids)
+            g.finish_reason = d.finish_reason or g.finish_reason
+        out = [results[i] for i in sorted(results)]
+        for g in out:
+            g.prompt_tokens = self._prompt_lengths[g.prompt_index]
+        return out[0] if single and len(out) == 1 else out
+
+    def stream(self, prompt: str | list[str], config: GenerationConfig | dict | None = None,
+               **params) -> Iterator[StreamDelta]:
+        """Yield text as it is generated; each delta says which sequence (`index`) it extends."""
+        cfg = self.generation_config(config, **params)
+        yield from self._run([prompt] if isinstance(prompt, str) else list(prompt), cfg)
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        if not prompts:
+            raise PromptError("no prompt given")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise PromptError(f"a prompt must be a string, got {type(p).__name__}")
+            if not p:
+                raise PromptError("the prompt is empty")
+        ids = self.tokenizer.encode_batch(prompts)
+        for p_ids in ids:
+            if not p_ids:
+                raise PromptError("the prompt is empty")
+            if len(p_ids) >= self.context_length:
+                raise PromptError(f"the prompt has {len(p_ids)} tokens but the model's context window is "
+                                  f"{self.context_length} tokens (at least one must be left to generate)")
+        return ids
+
+    def _run(self, prompts: list[str], cfg: GenerationConfig) -> Iterator[StreamDelta]:
+        prompt_ids = self.encode_prompts(prompts)
+        self._prompt_lengths = [len(p) for p in prompt_ids]
+        loop = TokenLoop(self.network, prompt_ids, cfg, self.tokenizer.eos_token_ids, self.dtype, self.device)
+        streams = [TextStream(self.tokenizer, prompt_ids[s.prompt_index], cfg.stop) for s in loop.seqs]
+        for s in loop.seqs:  # sequences that could not generate at all
+            if s.finish_reason is not None:
+                yield StreamDelta("", [], s.index, s.prompt_index, s.finish_reason)
+        while not loop.done:
+            for index, token in loop.step():
+                seq, ts = loop.seqs[index], streams[index]
+                text = ts.add(token)
+                if ts.stopped:
+                    loop.finish(index, "stop")
+                elif seq.finish_reason is not None:
+                    text += ts.finish()
+                yield StreamDelta(text, [token], index, seq.prompt_index, seq.finish_reason)

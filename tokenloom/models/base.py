@@ -1,0 +1,162 @@
+"""Building blocks shared by the architectures: norms, rotary embeddings, masks, attention.
+
+Model protocol (decoder-only): ``model(input_ids, position_ids, cache) -> logits``.
+``position_ids`` is -1 at padding slots (batches are left-padded); the cache records the
+position of every slot it holds, so each model derives its attention masks from positions
+alone and needs no separate padding mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenloom.errors import CheckpointError, ModelLoadError
+
+
+def args_from_config(cls, config: dict):
+    """Build a dataclass from an HF config dict, ignoring keys the dataclass does not know."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in known})
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in float32. ``offset=1.0`` gives Gemma's ``x * (1 + w)``."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- rotary
+
+
+def rope_parameters(config: dict, layer_type: str | None = None) -> dict:
+    """Rope settings as one dict, from either transformers v5 (`rope_parameters`) or v4 keys."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    if isinstance(params, dict) and "rope_theta" in params:
+        return dict(params)
+    # transformers v4 layout: rope_theta + rope_scaling (+ rope_local_base_freq for Gemma 3)
+    out = dict(config.get("rope_scaling") or {})
+    if layer_type == "sliding_attention" and "rope_local_base_freq" in config:
+        return {"rope_type": "default", "rope_theta": config["rope_local_base_freq"]}
+    out.setdefault("rope_type", out.pop("type", "default"))
+    out["rope_theta"] = config.get("rope_theta", 10000.0)
+    return out
+
+
+def rope_inv_freq(params: dict, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) and the attention factor applied to cos/sin."""
+    base = float(params.get("rope_theta", 10000.0))
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        inv = inv / float(params["factor"])
+    elif kind == "llama3":
+        # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, blend between.
+        factor, lo, hi = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_len = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv = torch.where(medium, blended, scaled)
+    else:
+        raise ModelLoadError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+    return inv.float(), 1.0
+
+
+class Rotary:
+    """cos/sin for arbitrary position ids; applied the HF way (rotate_half, non-interleaved)."""
+
+    def __init__(self, params: dict, head_dim: int):
+        self.inv_freq, self.scale = rope_inv_freq(params, head_dim)
+
+    def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids.clamp(min=0)[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------- masks & attention
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S): True where query t may attend to key slot s.
+
+    Keys at -1 are empty or padding. Padding queries (position -1) may attend to every slot:
+    their outputs are discarded, and a fully masked row would give NaN in SDPA, which would
+    then leak into the cache through 0 * NaN.
+    """
+    q = q_pos[:, :, None]  # (B, T, 1)
+    k = k_pos[:, None, :]  # (B, 1, S)
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= (q - k) < window
+    allowed |= q < 0
+    return allowed[:, None]
+
+
+def attend(q, k, v, mask, scale: float | None) -> torch.Tensor:
+    """q (B, H, T, hd), k/v (B, Hkv, S, hd) -> (B, T, H*hd). Grouped-query heads are expanded by SDPA."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    b, h, t, d = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Strictly assign `weights` to a (meta-initialised) model, reporting every problem at once."""
+    expected = dict(model.state_dict())
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    bad_shape = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_abbrev(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_abbrev(unexpected)}")
+    if bad_shape:
+        problems.append(f"shape mismatch: {_abbrev(bad_shape)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
+    model.load_state_dict(weights, strict=True, assign=True)
+
+
+def _abbrev(items: list[str], n: int = 6) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def fuse(weights: dict, names: list[str], into: str) -> None:
+    """Concatenate several projection weights (along the output dim) into one, in place."""
+    if all(n in weights for n in names):
+        weights[into] = torch.cat([weights.pop(n) for n in names], dim=0)

@@ -1,0 +1,140 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral; Qwen2 via `attention_bias`).
+
+Pre-norm transformer with RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU
+MLP. Q/K/V and gate/up projections are fused into one matmul each at load time.
+Reference: Touvron et al. 2023, "Llama 2"; HF `modeling_llama.py` is the numerical oracle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenloom.models.base import RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, rope_parameters
+from tokenloom.models.cache import KVCache
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    o_proj_bias: bool | None = None  # Llama: same as attention_bias; Qwen2: False
+    sliding_window: int | None = None  # Mistral v0.1 uses one on every layer
+    rope: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        args = args_from_config(cls, config)
+        args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
+        args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+        args.rope = rope_parameters(config)
+        if args.o_proj_bias is None:
+            args.o_proj_bias = args.attention_bias
+        if args.hidden_act != "silu":
+            from tokenloom.errors import ModelLoadError
+            raise ModelLoadError(f"unsupported hidden_act {args.hidden_act!r} for a Llama-style model (supported: silu)")
+        return args
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, args.hidden_size, bias=args.o_proj_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache):
+        b, t, _ = x.shape
+        qkv = self.qkv_proj(x).view(b, t, self.n_heads + 2 * self.n_kv, self.hd).transpose(1, 2)
+        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)  # (B, h, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = cache.update(self.layer, k, v)
+        return self.o_proj(attend(q, k, v, mask, None))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    is_encoder_decoder = False
+    Args = ModelArgs
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = Rotary(args.rope, args.head_dim)
+
+    @property
+    def max_positions(self) -> int:
+        return self.args.max_position_embeddings
+
+    def make_cache(self, batch: int, max_len: int, dtype=torch.float32, device="cpu") -> KVCache:
+        a = self.args
+        return KVCache(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim, max_len, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids, position_ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`."""
+        x = self.embed_tokens(input_ids)
+        mask = attention_mask(position_ids, cache.begin(position_ids), self.args.sliding_window)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        cache.commit()
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    @staticmethod
+    def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+        """HF checkpoint names -> ours: drop the `model.` prefix, fuse projections, tie the head."""
+        out = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in weights.items()
+               if "rotary_emb.inv_freq" not in k}
+        for i in range(args.num_hidden_layers):
+            p = f"layers.{i}."
+            for kind in ("weight", "bias"):
+                fuse(out, [p + f"self_attn.{n}_proj.{kind}" for n in "qkv"], p + f"self_attn.qkv_proj.{kind}")
+                fuse(out, [p + f"mlp.{n}_proj.{kind}" for n in ("gate", "up")], p + f"mlp.gate_up_proj.{kind}")
+        if args.tie_word_embeddings and "embed_tokens.weight" in out:
+            out["lm_head.weight"] = out["embed_tokens.weight"]
+        return out

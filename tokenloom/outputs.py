@@ -1,0 +1,28 @@
+"""What generation returns: whole sequences (Generation) and streamed pieces (StreamDelta)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# finish reasons: "stop" (end-of-sequence id, stop token or stop string), "length" (max_new_tokens
+# or the end of the context window)
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # generated ids only (an end-of-sequence id that ended it included)
+    finish_reason: str | None
+    index: int = 0  # position among all returned sequences
+    prompt_index: int = 0  # which prompt it continues
+    prompt_tokens: int = 0
+
+
+@dataclass
+class StreamDelta:
+    text: str  # new text, possibly "" (e.g. while a partial character or stop string is held back)
+    token_ids: list[int] = field(default_factory=list)  # ids generated since the previous delta
+    index: int = 0  # which returned sequence this belongs to
+    prompt_index: int = 0
+    finish_reason: str | None = None  # set on the last delta of a sequence
