@@ -10,7 +10,6 @@ import torch
 
 from tokenloom.config import GenerationConfig
 from tokenloom.engine.generate import TokenLoop
-from tokenloom.engine.output import TextStream
 from tokenloom.errors import PromptError, TokenloomError
 from tokenloom.outputs import Generation, StreamDelta
 
@@ -131,6 +130,8 @@ class Model:
         return ids
 
     def _run(self, prompts: list[str], cfg: GenerationConfig) -> Iterator[StreamDelta]:
+        from tokenloom.engine.output import TextStream  # text layer: only needed once there is text
+
         prompt_ids = self.encode_prompts(prompts)
         self._prompt_lengths = [len(p) for p in prompt_ids]
         loop = TokenLoop(self.network, prompt_ids, cfg, self.tokenizer.eos_token_ids, self.dtype, self.device)
