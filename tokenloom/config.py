@@ -77,13 +77,15 @@ class GenerationConfig:
         """Overlay `params` (aliases accepted, unknown names refused) on `base` and validate."""
         names = set(cls.field_names())
         updates: dict[str, Any] = {}
+        given_as: dict[str, str] = {}
         for key, value in params.items():
             name = cls.ALIASES.get(key, key)
             if name not in names:
                 raise InvalidParameterError(key, value, "a known generation parameter; unknown parameter "
                                             f"(known: {', '.join(sorted(names))})")
-            if name in updates and key != name:
-                raise InvalidParameterError(key, value, f"only one of '{key}' and '{name}'")
+            if name in given_as:
+                raise InvalidParameterError(key, value, f"only one of '{given_as[name]}' and '{key}'")
+            given_as[name] = key
             updates[name] = _normalise(name, value)
         config = replace(base or cls(), **updates)
         config.validate()

@@ -6,8 +6,6 @@ characters) and not possibly the start of a stop string (held back until it cann
 
 from __future__ import annotations
 
-from tokenloom.tokenizer.detokenizer import StreamDetokenizer
-
 
 class StopMatcher:
     """Finds stop strings in streamed text without ever releasing a prefix of one."""
@@ -45,6 +43,8 @@ class TextStream:
     """One sequence's text: feed token ids, get released text and whether a stop string hit."""
 
     def __init__(self, tokenizer, prompt_ids: list[int] | None, stops: list[str], skip_special_tokens: bool = True):
+        from tokenloom.tokenizer.detokenizer import StreamDetokenizer
+
         self.detok = StreamDetokenizer(tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens)
         self.matcher = StopMatcher(stops)
         self.text = ""
