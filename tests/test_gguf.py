@@ -506,6 +506,15 @@ def test_missing_required_metadata_is_named(tmp_path):
         gguf_to_hf_config(f)
 
 
+def test_ill_typed_metadata_is_named(tmp_path):
+    model = _tiny_llama()
+    kv = _llama_kv("llama", model.config)
+    kv["llama.attention.head_count"] = ("four", None)
+    f = read_gguf(_convert(model, gguf.MODEL_ARCH.LLAMA, tmp_path / "l.gguf", kv, tied=False))
+    with pytest.raises(GGUFError, match="'llama.attention.head_count' should be int, got str 'four'"):
+        gguf_to_hf_config(f)
+
+
 def test_undecodable_tensor_type_fails_before_loading(tmp_path):
     model = _tiny_llama()
     kv = _llama_kv("llama", model.config)

@@ -202,7 +202,8 @@ def _load_pickle(path: Path, dtype: torch.dtype, names: set[str] | None = None) 
                 raise
             obj = torch.load(path, weights_only=True, map_location="cpu")  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds more than plain tensors and was refused: {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0] if str(e) else "unsupported object"
+        raise CheckpointError(f"{path} holds more than plain tensors and was refused: {reason}") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     # some training scripts wrap the weights: {"state_dict": {...}} or {"model": {...}}

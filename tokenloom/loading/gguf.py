@@ -85,8 +85,18 @@ def _architecture(f: GGUFFile) -> str:
 
 
 def _clean_f32(x: float) -> float:
-    """1e-06 rather than 9.999999974752427e-07: the shortest decimal that is the same float32."""
-    return float(str(np.float32(x)))
+    """1e-06 rather than 9.999999974752427e-07: the shortest decimal that is the same float32.
+
+    Values that are not float32 (a float64 key) are returned unchanged.
+    """
+    as_f32 = np.float32(x)
+    return float(str(as_f32)) if float(as_f32) == x else float(x)
+
+
+def _has_kind(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # bool is an int subclass; only accept it where asked for
+        return kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
 class _Metadata:
@@ -102,9 +112,7 @@ class _Metadata:
                 raise GGUFError(f"{self.f.path}: missing metadata key {full!r}")
             return default
         value = self.f.metadata[full]
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float \
-            else isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if not ok:
+        if not _has_kind(value, kind):
             raise GGUFError(f"{self.f.path}: metadata key {full!r} should be {kind.__name__}, "
                             f"got {type(value).__name__} {value!r}"[:300])
         if kind is int and value < 0:
@@ -137,8 +145,9 @@ def gguf_to_hf_config(f: GGUFFile) -> dict:
     }
     for key, hf_key in [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")]:
-        token = m.get(f"tokenizer.ggml.{key}", int)
-        if token is not None:
+        # optional and cosmetic for the weights: an odd value (say -1) is left out, not fatal
+        token = f.metadata.get(f"tokenizer.ggml.{key}")
+        if _has_kind(token, int) and token >= 0:
             common[hf_key] = token
 
     if arch == "gpt2":

@@ -1,12 +1,12 @@
 """Dequantization of ggml tensor types to floating point, vectorized in torch.
 
 Every quantized ggml type packs `block_size` weights into `type_size` bytes: a few
-fp16 scales followed by packed integer codes. Each function below receives a
-(n_blocks, type_size) uint8 tensor and returns the (n_blocks, block_size) float32
-weights; no Python loop runs over blocks. The byte layouts are those of
-ggml-common.h (`block_q4_0`, `block_q4_K`, ...). The arithmetic is done in float32
-in the same order as the numpy reference in `gguf.quants`, so results are
-bit-identical to it (tests check this).
+fp16 scales and packed integer codes. Each decoder below takes a (n_blocks, type_size)
+uint8 tensor and writes the (n_blocks, block_size) float32 weights into a given output;
+no Python loop runs over blocks (only over chunks of ~4M weights, to bound memory).
+The byte layouts are those of ggml-common.h (`block_q4_0`, `block_q4_K`, ...). The
+arithmetic is done in float32 in the same order as the numpy reference in
+`gguf.quants`, so results are bit-identical to it (tests check this).
 
 Reference: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md and
 ggml/src/ggml-quants.c (`dequantize_row_*`).
@@ -133,8 +133,9 @@ def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
     # d, dmin, scales[12], qs[128]: 8 sub-blocks of 32 weights, a scale and a min each
     n = b.shape[0]
     sc, mn = _k_scale_min(b[:, 4:16])
+    scale, offset = (_f16(b, 0) * sc).view(n, 8, 1), (_f16(b, 2) * mn).view(n, 8, 1)
     q = ((b[:, 16:].reshape(n, 4, 1, 32) >> _SHIFT_4.view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
-    _affine(out.view(n, 8, 32), q, (_f16(b, 0) * sc).view(n, 8, 1), (_f16(b, 2) * mn).view(n, 8, 1), subtract=True)
+    _affine(out.view(n, 8, 32), q, scale, offset, subtract=True)
 
 
 def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
@@ -143,8 +144,8 @@ def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
     sc, mn = _k_scale_min(b[:, 4:16])
     ql = ((b[:, 48:].reshape(n, 4, 1, 32) >> _SHIFT_4.view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
     qh = ((b[:, 16:48].reshape(n, 1, 1, 32) >> _SHIFT_1.view(1, 1, 8, 1)) & 1).reshape(n, 8, 32)
-    _affine(out.view(n, 8, 32), ql | (qh << 4), (_f16(b, 0) * sc).view(n, 8, 1), (_f16(b, 2) * mn).view(n, 8, 1),
-            subtract=True)
+    scale, offset = (_f16(b, 0) * sc).view(n, 8, 1), (_f16(b, 2) * mn).view(n, 8, 1)
+    _affine(out.view(n, 8, 32), ql | (qh << 4), scale, offset, subtract=True)
 
 
 def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
