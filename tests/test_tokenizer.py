@@ -420,3 +420,27 @@ def test_smollm2_gguf_against_transformers(smollm2_gguf_path):
     for text in VARIED_TEXTS:
         if not re.search(r"\d", text):  # transformers' GGUF tokenizer does not split digits
             assert tok.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False), text
+
+
+# Ids llama.cpp (llama-cpp-python 0.3.36, vocab_only) gives for the Gemma 3 270M GGUF, BOS included.
+# transformers' GGUF tokenizer differs on the 32 spaces (16 + 16 + "Version").
+GEMMA3_LLAMA_CPP_IDS = {
+    "Hello world, 12345!": [2, 9259, 1902, 236764, 236743, 236770, 236778, 236800, 236812, 236810, 236888],
+    "multiple   spaces    here\n\n\nend": [2, 43819, 139, 35220, 140, 8472, 109, 643],
+    "<start_of_turn>user\nHi there<end_of_turn>\n": [2, 105, 2364, 107, 10979, 993, 106, 107],
+    " " * 32 + "Version": [2, 167, 16811],
+    "Emoji: 😀🎉👍🏽 中文 café": [2, 127268, 236787, 163543, 242061, 240493, 242713, 17346, 237364, 33443],
+}
+
+
+@pytest.mark.slow
+def test_gemma3_gguf_against_llama_cpp(gemma3_gguf_path):
+    from tokenloom.loading.gguf import read_gguf
+
+    tok = Tokenizer.from_gguf_metadata(read_gguf(gemma3_gguf_path).metadata)
+    for text, ids in GEMMA3_LLAMA_CPP_IDS.items():
+        assert tok.encode(text) == ids, text
+    for text in VARIED_TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_token_ids == [tok.token_to_id("<eos>"), tok.token_to_id("<end_of_turn>")]
+    assert tok.vocab_size == 262144 and len(tok.byte_fallback_ids) == 256

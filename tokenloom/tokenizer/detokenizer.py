@@ -41,8 +41,8 @@ class StreamDetokenizer:
         self._context_text = self._decode()
         self._in_byte_run = False
 
-    def _decode(self, end: int | None = None) -> str:
-        return self.tokenizer.decode(self._ids[:end], skip_special_tokens=self.skip_special_tokens)
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self._ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Take one generated id; return the text it completes (often "", never a partial char)."""
