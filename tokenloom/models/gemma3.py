@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, rope_parameters
+from tokenloom.models.base import OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, rope_parameters
 from tokenloom.models.cache import KVCache
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -82,10 +82,12 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.intermediate = args.intermediate_size
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        w, n = self.gate_up_proj.weight, self.intermediate  # see llama.MLP on the row slices
+        gate, up = F.linear(x, w[:n]), F.linear(x, w[n:])
+        return self.down_proj(F.gelu(gate, approximate="tanh").mul_(up))
 
 
 class Block(nn.Module):
@@ -117,7 +119,7 @@ class Model(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=1.0)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = OutputHead(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = {t: Rotary(args.rope[t], args.head_dim) for t in (SLIDING, FULL)}
 
     @property
