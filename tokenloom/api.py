@@ -95,22 +95,25 @@ class Model:
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         cfg = self.generation_config(config, **params)
+        prompt_ids = self.encode_prompts(prompts)
         results: dict[int, Generation] = {}
-        for d in self._run(prompts, cfg):
+        for d in self._run(prompt_ids, cfg):
             g = results.setdefault(d.index, Generation("", [], None, d.index, d.prompt_index))
             g.text += d.text
             g.token_ids.extend(d.token_ids)
             g.finish_reason = d.finish_reason or g.finish_reason
         out = [results[i] for i in sorted(results)]
         for g in out:
-            g.prompt_tokens = self._prompt_lengths[g.prompt_index]
+            g.prompt_tokens = len(prompt_ids[g.prompt_index])
         return out[0] if single and len(out) == 1 else out
 
     def stream(self, prompt: str | list[str], config: GenerationConfig | dict | None = None,
                **params) -> Iterator[StreamDelta]:
-        """Yield text as it is generated; each delta says which sequence (`index`) it extends."""
+        """Yield text as it is generated; each delta says which sequence (`index`) it extends.
+
+        Parameters and prompts are checked now, not at the first iteration."""
         cfg = self.generation_config(config, **params)
-        yield from self._run([prompt] if isinstance(prompt, str) else list(prompt), cfg)
+        return self._run(self.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt)), cfg)
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         if not prompts:
@@ -129,11 +132,9 @@ class Model:
                                   f"{self.context_length} tokens (at least one must be left to generate)")
         return ids
 
-    def _run(self, prompts: list[str], cfg: GenerationConfig) -> Iterator[StreamDelta]:
-        from tokenloom.engine.output import TextStream  # text layer: only needed once there is text
+    def _run(self, prompt_ids: list[list[int]], cfg: GenerationConfig) -> Iterator[StreamDelta]:
+        from tokenloom.engine.output import TextStream
 
-        prompt_ids = self.encode_prompts(prompts)
-        self._prompt_lengths = [len(p) for p in prompt_ids]
         loop = TokenLoop(self.network, prompt_ids, cfg, self.tokenizer.eos_token_ids, self.dtype, self.device)
         streams = [TextStream(self.tokenizer, prompt_ids[s.prompt_index], cfg.stop) for s in loop.seqs]
         for s in loop.seqs:  # sequences that could not generate at all
