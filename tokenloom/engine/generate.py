@@ -13,10 +13,26 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenloom.config import GenerationConfig
+from tokenloom.errors import InvalidParameterError
 from tokenloom.sampling import processors as P
 from tokenloom.sampling.sampler import greedy, make_generators, process, row_seed, sample
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in pieces: bounded attention-matrix memory
+
+# parameters of the schema that this loop does not implement yet: refused, never ignored
+_UNSUPPORTED = ("num_beams", "num_beam_groups", "diversity_penalty", "penalty_alpha", "min_p", "typical_p",
+                "epsilon_cutoff", "eta_cutoff", "top_n_sigma", "xtc_probability", "dry_multiplier", "mirostat",
+                "repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size",
+                "bad_words_ids", "logit_bias", "suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+                "exponential_decay_length_penalty", "include_stop_str_in_output", "max_time", "stop_on_loop",
+                "logprobs", "prompt_logprobs")
+
+
+def check_supported(config: GenerationConfig) -> None:
+    default = GenerationConfig()
+    for name in _UNSUPPORTED:
+        if getattr(config, name) != getattr(default, name):
+            raise InvalidParameterError(name, getattr(config, name), f"{getattr(default, name)!r} (not supported yet)")
 
 
 @dataclass
@@ -38,6 +54,7 @@ class TokenLoop:
 
     def __init__(self, model, prompts: list[list[int]], config: GenerationConfig, eos_ids: list[int],
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        check_supported(config)
         self.model, self.config, self.device = model, config, device
         n = config.num_return_sequences
         limit = model.max_positions
