@@ -11,7 +11,7 @@ import torch
 from tokenloom.config import GenerationConfig
 from tokenloom.engine.generate import TokenLoop
 from tokenloom.errors import PromptError, TokenloomError
-from tokenloom.outputs import Generation, StreamDelta
+from tokenloom.outputs import Generation, Score, StreamDelta
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,6 +114,26 @@ class Model:
         Parameters and prompts are checked now, not at the first iteration."""
         cfg = self.generation_config(config, **params)
         return self._run(self.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt)), cfg)
+
+    def score(self, prompt: str, continuation: str) -> Score:
+        """Log-likelihood of `continuation` after `prompt`, token by token.
+
+        The two are tokenized separately (the continuation without special tokens) and joined,
+        so each continuation token is scored exactly as it was tokenized."""
+        from tokenloom.engine.scoring import sequence_logprobs
+
+        prompt_ids = self.encode_prompts([prompt])[0]
+        cont_ids = self.tokenizer.encode(continuation, add_special_tokens=False) if continuation else []
+        if not cont_ids:
+            raise PromptError("the continuation is empty")
+        ids = prompt_ids + cont_ids
+        if len(ids) > self.context_length:
+            raise PromptError(f"prompt and continuation have {len(ids)} tokens but the model's context window is "
+                              f"{self.context_length} tokens")
+        lps = sequence_logprobs(self.network, ids, len(prompt_ids), 0, self.dtype, self.device)
+        values = [t.logprob for t in lps]
+        tokens = [self.tokenizer.decode([i], skip_special_tokens=False) for i in cont_ids]
+        return Score(cont_ids, tokens, values, float(sum(values)))
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         if not prompts:

@@ -26,3 +26,29 @@ class StreamDelta:
     index: int = 0  # which returned sequence this belongs to
     prompt_index: int = 0
     finish_reason: str | None = None  # set on the last delta of a sequence
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability and the top alternatives at its position.
+
+    `logprob` / `top` come from the distribution the token was drawn from (after the logits
+    chain: penalties, temperature, filters), `raw_logprob` / `raw_top` from the model's own
+    distribution (log-softmax of its logits). For prompt tokens and `score()` they are equal.
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+    raw_logprob: float | None = None
+    raw_top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Score:
+    """Log-likelihood of a continuation given a prompt, token by token (`Model.score`)."""
+
+    token_ids: list[int]  # the continuation's ids
+    tokens: list[str]  # each id's text
+    logprobs: list[float]  # log P(token | prompt, previous continuation tokens)
+    total: float  # sum of logprobs
