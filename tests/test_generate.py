@@ -86,3 +86,25 @@ def test_max_new_tokens_zero_generates_nothing(pair):
     _, ours = pair
     toks, reasons = run(ours, prompts(2), max_new_tokens=0)
     assert toks == [[], []] and reasons == ["length", "length"]
+
+
+def test_repeats_at_end():
+    from tokenloom.engine.generate import repeats_at_end
+
+    assert repeats_at_end([9, 1, 2, 3, 1, 2, 3, 1, 2, 3], 3)
+    assert not repeats_at_end([9, 1, 2, 3, 1, 2, 3, 1, 2, 4], 3)
+    assert repeats_at_end([5, 5, 5, 5], 4) and not repeats_at_end([5, 5, 5], 4)
+    assert not repeats_at_end([1, 2, 1, 2, 1], 3)
+
+
+def test_stop_on_loop_and_max_time(pair):
+    _, ours = pair
+    p = prompts(1, seed=5)
+    toks, reasons = run(ours, p, max_new_tokens=60, ignore_eos=True, stop_on_loop=3, repetition_penalty=1.0)
+    from tokenloom.engine.generate import repeats_at_end
+    # tiny random models loop quickly under greedy decoding; either way the reason must be right
+    assert reasons[0] == ("loop" if repeats_at_end(toks[0], 3) else "length")
+    if reasons[0] == "loop":
+        assert not any(repeats_at_end(toks[0][:k], 3) for k in range(1, len(toks[0])))
+    toks, reasons = run(ours, p, max_new_tokens=100, ignore_eos=True, max_time=1e-9)
+    assert reasons == ["time"] and len(toks[0]) == 1

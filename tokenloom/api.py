@@ -156,7 +156,8 @@ class Model:
         from tokenloom.engine.output import TextStream
 
         loop = TokenLoop(self.network, prompt_ids, cfg, self.tokenizer.eos_token_ids, self.dtype, self.device)
-        streams = [TextStream(self.tokenizer, prompt_ids[s.prompt_index], cfg.stop) for s in loop.seqs]
+        streams = [TextStream(self.tokenizer, prompt_ids[s.prompt_index], cfg.stop,
+                              include_stop=cfg.include_stop_str_in_output) for s in loop.seqs]
         for s in loop.seqs:  # sequences that could not generate at all
             if s.finish_reason is not None:
                 yield StreamDelta("", [], s.index, s.prompt_index, s.finish_reason)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # finish reasons: "stop" (end-of-sequence id, stop token or stop string), "length" (max_new_tokens
-# or the end of the context window)
-FINISH_REASONS = ("stop", "length")
+# or the end of the context window), "time" (max_time), "loop" (stop_on_loop: stuck repeating)
+FINISH_REASONS = ("stop", "length", "time", "loop")
 
 
 @dataclass

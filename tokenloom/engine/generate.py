@@ -8,6 +8,7 @@ slots get position -1, which the models mask out). Every returned sequence is on
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,8 +25,7 @@ _UNSUPPORTED = ("num_beams", "num_beam_groups", "diversity_penalty", "penalty_al
                 "epsilon_cutoff", "eta_cutoff", "top_n_sigma", "xtc_probability", "dry_multiplier", "mirostat",
                 "repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size",
                 "bad_words_ids", "logit_bias", "suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
-                "exponential_decay_length_penalty", "include_stop_str_in_output", "max_time", "stop_on_loop",
-                "logprobs", "prompt_logprobs")
+                "exponential_decay_length_penalty", "logprobs", "prompt_logprobs")
 
 
 def check_supported(config: GenerationConfig) -> None:
@@ -69,6 +69,7 @@ class TokenLoop:
             self.seed = seed
             self.generators = make_generators([row_seed(seed, s.index % n) for s in self.seqs], device)
         self.rows = list(range(len(self.seqs)))  # batch row -> sequence index
+        self.deadline = None if config.max_time is None else time.monotonic() + config.max_time
         self._prefill(prompts, dtype)
         for s in self.seqs:
             if s.max_new <= 0:
@@ -130,6 +131,11 @@ class TokenLoop:
                 seq.finish_reason = "stop"
             elif len(seq.token_ids) >= seq.max_new:
                 seq.finish_reason = "length"
+            elif self.config.stop_on_loop and repeats_at_end(seq.token_ids, self.config.stop_on_loop):
+                seq.finish_reason = "loop"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            for seq_index in self.rows:
+                self.seqs[seq_index].finish_reason = self.seqs[seq_index].finish_reason or "time"
         self._advance(tokens)
         return out
 
@@ -163,3 +169,16 @@ class TokenLoop:
         self.next_pos = self.next_pos.index_select(0, keep_t)
         self.logits = self.logits.index_select(0, keep_t)
         return keep_t
+
+
+MAX_LOOP_PERIOD = 64  # longest repeating block (in tokens) the loop detector looks for
+
+
+def repeats_at_end(ids: list[int], times: int) -> bool:
+    """Whether `ids` ends with one block of 1..MAX_LOOP_PERIOD tokens repeated `times` times in a row."""
+    n = len(ids)
+    for period in range(1, min(MAX_LOOP_PERIOD, n // times) + 1):
+        block = ids[n - period:]
+        if all(ids[n - (k + 1) * period:n - k * period] == block for k in range(1, times)):
+            return True
+    return False

@@ -42,11 +42,12 @@ class StopMatcher:
 class TextStream:
     """One sequence's text: feed token ids, get released text and whether a stop string hit."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int] | None, stops: list[str], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, prompt_ids: list[int] | None, stops: list[str], skip_special_tokens: bool = True,
+                 include_stop: bool = False):
         from tokenloom.tokenizer.detokenizer import StreamDetokenizer
 
         self.detok = StreamDetokenizer(tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens)
-        self.matcher = StopMatcher(stops)
+        self.matcher = StopMatcher(stops, include_stop)
         self.text = ""
         self.stopped = False
 
