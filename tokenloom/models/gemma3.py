@@ -131,7 +131,7 @@ class Model(nn.Module):
         return KVCache(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim, max_len, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, return_hidden: bool = False):
         x = self.embed_tokens(input_ids)
         # HF rounds the scale to the activation dtype before multiplying
         x = x * torch.tensor(self.args.hidden_size ** 0.5, dtype=x.dtype)
@@ -142,13 +142,14 @@ class Model(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, masks, cache)
         cache.commit()
-        if last_only:
+        if last_only and not return_hidden:
             x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))
+        hidden = self.norm(x)  # (B, T, D): transformers' hidden_states[-1], for contrastive search
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         if self.args.final_logit_softcapping:
             cap = self.args.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        return (logits, hidden) if return_hidden else logits
 
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:

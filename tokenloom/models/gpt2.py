@@ -92,15 +92,17 @@ class Model(nn.Module):
         return KVCache(a.n_layer, batch, a.n_head, a.n_embd // a.n_head, max_len, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, return_hidden: bool = False):
         x = self.wte(input_ids) + self.wpe(position_ids.clamp(min=0))
         mask = attention_mask(position_ids, cache.begin(position_ids))
         for block in self.h:
             x = block(x, mask, cache)
         cache.commit()
-        if last_only:
+        if last_only and not return_hidden:
             x = x[:, -1:]
-        return self.lm_head(self.ln_f(x))
+        hidden = self.ln_f(x)  # (B, T, D): transformers' hidden_states[-1], for contrastive search
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
+        return (logits, hidden) if return_hidden else logits
 
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:

@@ -118,17 +118,21 @@ class Model(nn.Module):
         return KVCache(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim, max_len, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                last_only: bool = False) -> torch.Tensor:
-        """input_ids, position_ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`."""
+                last_only: bool = False, return_hidden: bool = False):
+        """input_ids, position_ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`.
+
+        With `return_hidden`, also the final-norm output (B, T, D) of every position."""
         x = self.embed_tokens(input_ids)
         mask = attention_mask(position_ids, cache.begin(position_ids), self.args.sliding_window)
         cos, sin = self.rotary(position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         cache.commit()
-        if last_only:
+        if last_only and not return_hidden:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        hidden = self.norm(x)  # (B, T, D): transformers' hidden_states[-1], for contrastive search
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
+        return (logits, hidden) if return_hidden else logits
 
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
