@@ -1,7 +1,9 @@
 """Turning processed logits into tokens: greedy, or seeded multinomial sampling per row.
 
 Each row has its own torch.Generator, so a sequence's tokens depend only on its own seed and
-logits, never on what else is in the batch.
+logits, never on what else is in the batch. The full per-request chain (penalties, constraints,
+every filter, Mirostat) is `tokenloom.sampling.chain.LogitsChain`; `process` here is the small
+legacy subset (temperature, top-k, top-p).
 """
 
 from __future__ import annotations
