@@ -1,0 +1,137 @@
+"""Reference outputs of diverse beam search and contrastive search, from transformers 4.51.
+
+transformers v5 moved both strategies out of the core (to Hub repos we cannot fetch), so the
+oracle is the last in-core implementation. This script builds the tiny random models of
+tests/tiny.py with the installed transformers, hands their weights to a subprocess that imports
+transformers 4.51.3 from a folder (its dependency-version check stubbed out: it only objects to
+the newer tokenizers), runs `generate` there and writes tests/data/beam_contrastive_reference.json.
+
+    pip download transformers==4.51.3 --no-deps -d /tmp/tf451
+    python -m zipfile -e /tmp/tf451/transformers-4.51.3-py3-none-any.whl /tmp/tf451/src
+    python tests/reference/make_references.py /tmp/tf451/src
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "tests" / "data" / "beam_contrastive_reference.json"
+MODEL_TYPES = ["gpt2", "llama", "qwen2", "gemma3_text"]
+PROMPTS = [[5, 9, 33, 100, 7], [40, 41, 250, 17, 3, 88, 90, 12, 61], [200, 6]]
+FINGERPRINT_IDS = [[5, 9, 33, 100, 7, 12]]
+
+GROUP_CASES = [
+    dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, num_return_sequences=4, max_new_tokens=10),
+    dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, num_return_sequences=2, max_new_tokens=10,
+         early_stopping=True, eos="liked"),
+    dict(num_beams=6, num_beam_groups=3, diversity_penalty=0.5, num_return_sequences=3, max_new_tokens=10,
+         length_penalty=2.0, early_stopping="never", eos="liked"),
+    dict(num_beams=4, num_beam_groups=4, diversity_penalty=2.0, num_return_sequences=4, max_new_tokens=8,
+         length_penalty=0.0, eos="liked", min_new_tokens=4),
+]
+CONTRASTIVE_CASES = [
+    dict(penalty_alpha=0.6, top_k=4, max_new_tokens=16),
+    dict(penalty_alpha=0.3, top_k=6, max_new_tokens=12, eos="liked"),
+    dict(penalty_alpha=0.6, top_k=4, max_new_tokens=12, eos="liked", min_new_tokens=6),
+]
+
+
+def liked_token(model, prompt: list[int]) -> int:
+    """The third greedy token: an EOS that the model reaches, so hypotheses end early."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return int(out[0, -1])
+
+
+def child(folder: str) -> None:
+    """Runs under transformers 4.51: read weights, generate every case, print JSON."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT))
+    from tests.tiny import configs
+
+    result = {"transformers": transformers.__version__, "models": {}}
+    for mt in MODEL_TYPES:
+        cls_name, cfg_name, kwargs = configs()[mt]
+        model = getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**kwargs)).eval()
+        missing, unexpected = model.load_state_dict(load_file(f"{folder}/{mt}.safetensors"), strict=False)
+        assert not [m for m in missing if "lm_head" not in m] and not unexpected, (missing, unexpected)
+        model.tie_weights()
+        with torch.no_grad():
+            fp = model(torch.tensor(FINGERPRINT_IDS)).logits[0, -1, :8].tolist()
+        entry = {"fingerprint": fp, "group": [], "contrastive": []}
+        for kind, cases in (("group", GROUP_CASES), ("contrastive", CONTRASTIVE_CASES)):
+            for case in cases:
+                params = {k: v for k, v in case.items() if k != "eos"}
+                for prompt in PROMPTS:
+                    eos = liked_token(model, prompt) if case.get("eos") else None
+                    if kind == "contrastive" and mt == "gemma3_text":
+                        continue  # 4.51 refuses Gemma 3's sliding-window HybridCache in contrastive search
+                    with torch.no_grad():
+                        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                             do_sample=False, eos_token_id=eos, pad_token_id=0, output_scores=True,
+                                             return_dict_in_generate=True, **params)
+                    gen = out.sequences[:, len(prompt):].tolist()
+                    if kind == "group":
+                        lengths = (out.beam_indices >= 0).sum(1).tolist()
+                        seqs = [g[:n] for g, n in zip(gen, lengths)]
+                        scores = out.sequences_scores.tolist()
+                    else:
+                        g = gen[0]
+                        seqs = [g[:g.index(eos) + 1] if eos is not None and eos in g else g]
+                        scores = None
+                    entry[kind].append({"params": params, "prompt": prompt, "eos": eos, "sequences": seqs,
+                                        "scores": scores})
+        result["models"][mt] = entry
+    print(json.dumps(result))
+
+
+def main(tf451_path: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT))
+    from tests.tiny import make_hf_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        expected = {}
+        for mt in MODEL_TYPES:
+            model = make_hf_model(mt)
+            state = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+            save_file(state, f"{folder}/{mt}.safetensors")
+            with torch.no_grad():
+                expected[mt] = model(torch.tensor(FINGERPRINT_IDS)).logits[0, -1, :8].tolist()
+        env = {**os.environ, "PYTHONPATH": tf451_path}
+        proc = subprocess.run([sys.executable, __file__, "--child", folder], env=env, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(proc.stderr)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for mt in MODEL_TYPES:  # the same weights on both sides
+        got = torch.tensor(result["models"][mt]["fingerprint"])
+        assert torch.allclose(got, torch.tensor(expected[mt]), atol=1e-4), (mt, got, expected[mt])
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--child":
+        import types
+
+        stub = types.ModuleType("transformers.dependency_versions_check")
+        stub.dep_version_check = lambda *a, **k: None
+        sys.modules["transformers.dependency_versions_check"] = stub
+        child(sys.argv[2])
+    else:
+        main(sys.argv[1])
