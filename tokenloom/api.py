@@ -102,9 +102,17 @@ class Model:
             g.text += d.text
             g.token_ids.extend(d.token_ids)
             g.finish_reason = d.finish_reason or g.finish_reason
+            if d.logprobs is not None:
+                g.logprobs = g.logprobs if g.logprobs is not None else []
+                g.logprobs.extend(d.logprobs)
         out = [results[i] for i in sorted(results)]
+        prompt_lps = self._prompt_logprobs(prompt_ids, cfg.prompt_logprobs)
         for g in out:
             g.prompt_tokens = len(prompt_ids[g.prompt_index])
+            if cfg.logprobs is not None and g.logprobs is None:
+                g.logprobs = []
+            if prompt_lps is not None:
+                g.prompt_logprobs = prompt_lps[g.prompt_index]
         return out[0] if single and len(out) == 1 else out
 
     def stream(self, prompt: str | list[str], config: GenerationConfig | dict | None = None,
@@ -114,6 +122,13 @@ class Model:
         Parameters and prompts are checked now, not at the first iteration."""
         cfg = self.generation_config(config, **params)
         return self._run(self.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt)), cfg)
+
+    def _prompt_logprobs(self, prompt_ids: list[list[int]], top_n: int | None):
+        if top_n is None:
+            return None
+        from tokenloom.engine.scoring import sequence_logprobs
+
+        return [sequence_logprobs(self.network, ids, 1, top_n, self.dtype, self.device) for ids in prompt_ids]
 
     def score(self, prompt: str, continuation: str) -> Score:
         """Log-likelihood of `continuation` after `prompt`, token by token.
@@ -155,7 +170,8 @@ class Model:
     def _run(self, prompt_ids: list[list[int]], cfg: GenerationConfig) -> Iterator[StreamDelta]:
         from tokenloom.engine.output import TextStream
 
-        loop = TokenLoop(self.network, prompt_ids, cfg, self.tokenizer.eos_token_ids, self.dtype, self.device)
+        loop = TokenLoop(self.network, prompt_ids, cfg, self.tokenizer.eos_token_ids, self.dtype, self.device,
+                         tokenizer=self.tokenizer)
         streams = [TextStream(self.tokenizer, prompt_ids[s.prompt_index], cfg.stop,
                               include_stop=cfg.include_stop_str_in_output) for s in loop.seqs]
         for s in loop.seqs:  # sequences that could not generate at all
@@ -169,4 +185,5 @@ class Model:
                     loop.finish(index, "stop")
                 elif seq.finish_reason is not None:
                     text += ts.finish()
-                yield StreamDelta(text, [token], index, seq.prompt_index, seq.finish_reason)
+                lps = None if cfg.logprobs is None else seq.logprobs[-1:]
+                yield StreamDelta(text, [token], index, seq.prompt_index, seq.finish_reason, lps)

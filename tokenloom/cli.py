@@ -17,18 +17,76 @@ from tokenloom.config import GenerationConfig
 from tokenloom.errors import TokenloomError
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # argparse's status for a command line it cannot parse
 
 
-def _flag_type(annotation):
-    """(argparse kwargs) for a GenerationConfig field annotation."""
-    ann = typing.get_type_hints(GenerationConfig)[annotation]
+class Parser(argparse.ArgumentParser):
+    """argparse, but a command line it cannot parse is reported in one line, like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"tokenloom: error: {message} (see '{self.prog} --help')\n")
+
+
+# ---------------------------------------------------------------------------------- generation flags
+# One flag per GenerationConfig field, its argparse settings derived from the field's type:
+#   bool -> --x / --no-x;  int, float, str -> one value;  list[T] -> repeatable;
+#   list[list[int]] -> repeatable comma-separated ids;  dict[K, V] -> repeatable KEY=VALUE.
+
+
+def _number(text: str) -> int | float:
+    """An int when the text is one (fields such as [start, factor] want an int first), else a float."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _bool_or_str(text: str) -> bool | str:
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _comma_list(item_type):
+    def parse(text: str) -> list:
+        return [item_type(x) for x in text.split(",") if x.strip()]
+    parse.__name__ = f"comma-separated {item_type.__name__} list"  # argparse names it in errors
+    return parse
+
+
+def _key_value(key_type, value_type):
+    def parse(text: str) -> tuple:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise ValueError(text)
+        return key_type(key.strip()), value_type(value.strip())
+    parse.__name__ = "KEY=VALUE pair"
+    return parse
+
+
+def _scalar(t):
+    return _number if t is float else t
+
+
+def _flag_type(name: str) -> tuple[dict, str]:
+    """(argparse kwargs, a note on the value format for --help) for a GenerationConfig field."""
+    ann = typing.get_type_hints(GenerationConfig)[name]
     args = [a for a in typing.get_args(ann) if a is not type(None)] if isinstance(ann, types.UnionType) else [ann]
-    base = args[0] if args else ann
-    if base is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if typing.get_origin(base) is list:
-        return {"action": "append", "type": typing.get_args(base)[0]}
-    return {"type": base}
+    if set(args) == {bool}:
+        return {"action": argparse.BooleanOptionalAction}, ""
+    if set(args) == {bool, str}:
+        return {"type": _bool_or_str, "metavar": "VALUE"}, ""
+    base = args[0]
+    origin, item_types = typing.get_origin(base), typing.get_args(base)
+    if origin is list and typing.get_origin(item_types[0]) is list:
+        (inner,) = typing.get_args(item_types[0])
+        return ({"action": "append", "type": _comma_list(_scalar(inner)), "metavar": "IDS"},
+                "Repeatable; each value comma-separated, e.g. 5,6.")
+    if origin is list:
+        return {"action": "append", "type": _scalar(item_types[0])}, "Repeatable: one value per flag."
+    if origin is dict:
+        key_t, value_t = (_scalar(t) for t in item_types)
+        return ({"action": "append", "type": _key_value(key_t, value_t), "metavar": "KEY=VALUE"},
+                "Repeatable: one KEY=VALUE pair per flag.")
+    return {"type": _scalar(base)}, ""
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,26 +95,37 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
         flags = ["--" + name.replace("_", "-")]
         if name == "num_return_sequences":
             flags.append("-n")
-        kwargs = _flag_type(name)
-        shown = "model default" if default is None else default
-        metavar = {} if "action" in kwargs and kwargs["action"] != "append" else {"metavar": name.upper()}
-        group.add_argument(*flags, dest=name, default=None, help=f"{doc} Allowed: {allowed}. Default: {shown}.",
-                           **kwargs, **metavar)
+        kwargs, note = _flag_type(name)
+        if "action" not in kwargs or kwargs["action"] == "append":
+            kwargs.setdefault("metavar", name.upper())
+        shown = "model default" if default is None else json.dumps(default)
+        text = " ".join(x for x in (doc, note, f"Allowed: {allowed}.", f"Default: {shown}.") if x)
+        group.add_argument(*flags, dest=name, default=None, help=text.replace("%", "%%"), **kwargs)
 
 
 def generation_params(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in GenerationConfig.field_names() if getattr(args, name) is not None}
+    """The generation flags given on the command line, as GenerationConfig fields."""
+    params = {}
+    for name in GenerationConfig.field_names():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if isinstance(value, list) and value and isinstance(value[0], tuple):  # KEY=VALUE pairs
+            value = dict(value)
+        params[name] = value
+    return params
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tokenloom.loading.registry import DEFAULT_MODEL
 
-    parser = argparse.ArgumentParser(prog="tokenloom", description="Local text generation with pretrained language models.")
+    parser = Parser(prog="tokenloom", description="Local text generation with pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="continue a prompt", description=(
         "Continue PROMPT (or standard input) with a language model, streaming the text as it is generated."))
-    gen.add_argument("prompt", nargs="?", help="the prompt; read from standard input when absent")
+    gen.add_argument("prompt", nargs="?", help="the prompt; read from standard input when absent or '-' "
+                     "(one trailing newline removed)")
     gen.add_argument("-m", "--model", default=DEFAULT_MODEL,
                      help=f"registry name, checkpoint folder, .gguf file or Hugging Face Hub id (default: {DEFAULT_MODEL})")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -75,23 +144,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_prompt(args) -> str:
+    """The prompt argument, else standard input without the newline `echo` adds."""
+    from tokenloom.errors import PromptError
+
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise PromptError("no prompt: give one as an argument or on standard input")
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise PromptError(f"standard input is not valid {e.encoding} text (byte {e.start})") from None
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+        prompt = prompt[:-1] if prompt.endswith("\r") else prompt
+    if not prompt:
+        raise PromptError("the prompt is empty")
+    return prompt
+
+
+def generation_json(g) -> str:
+    """One returned sequence as a JSON line: the Generation's fields (index and text first)."""
+    import dataclasses
+
+    record = {"index": g.index, "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason,
+              "prompt_tokens": g.prompt_tokens}
+    record.update({k: v for k, v in dataclasses.asdict(g).items() if k not in record})
+    return json.dumps(record, ensure_ascii=False)
+
+
 def cmd_generate(args) -> int:
     import tokenloom
 
     params = generation_params(args)
     GenerationConfig.from_dict(params)  # refuse bad values before spending time loading the model
-    prompt = args.prompt
-    if prompt is None:
-        if sys.stdin is None or sys.stdin.isatty():
-            raise TokenloomError("no prompt: give one as an argument or on standard input")
-        prompt = sys.stdin.read()
+    prompt = read_prompt(args)
+    from tokenloom.loading.resolve import resolve_model
+    resolve_model(args.model)  # a missing or unrecognised model fails now, before torch is imported
     model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
     if args.json:
-        results = model.generate([prompt], **params)
-        for g in results:
-            print(json.dumps({"index": g.index, "text": g.text, "token_ids": g.token_ids,
-                              "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens},
-                             ensure_ascii=False), flush=True)
+        for g in model.generate([prompt], **params):
+            print(generation_json(g), flush=True)
         return 0
     stream_to_terminal(model.stream(prompt, **params), sys.stdout)
     return 0
@@ -160,11 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
         return 130
     except BrokenPipeError:
+        # the reader left (`| head`): stop quietly, and keep Python from failing to flush stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # noqa: BLE001 - users get one line; TOKENLOOM_DEBUG=1 shows the traceback
         if os.environ.get("TOKENLOOM_DEBUG"):
             raise
-        print(f"tokenloom: internal error: {type(e).__name__}: {e} (set TOKENLOOM_DEBUG=1 for a traceback)",
+        message = " ".join(str(e).split())  # one line, whatever the exception says
+        print(f"tokenloom: internal error: {type(e).__name__}: {message} (set TOKENLOOM_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return EXIT_ERROR
 

@@ -17,6 +17,9 @@ class Generation:
     index: int = 0  # position among all returned sequences
     prompt_index: int = 0  # which prompt it continues
     prompt_tokens: int = 0
+    logprobs: list["TokenLogprob"] | None = None  # one per generated token, with `logprobs` set
+    prompt_logprobs: list["TokenLogprob"] | None = None  # prompt tokens after the first, with `prompt_logprobs`
+    score: float | None = None  # beam search: the sequence score, as transformers defines it
 
 
 @dataclass
@@ -26,6 +29,7 @@ class StreamDelta:
     index: int = 0  # which returned sequence this belongs to
     prompt_index: int = 0
     finish_reason: str | None = None  # set on the last delta of a sequence
+    logprobs: list["TokenLogprob"] | None = None  # for token_ids, with `logprobs` set
 
 
 @dataclass

@@ -3,6 +3,7 @@
 Works on token ids only. Prompts of different lengths are left-padded into one batch (padding
 slots get position -1, which the models mask out). Every returned sequence is one batch row;
 `num_return_sequences` copies of a prompt share its prefill. Finished rows leave the batch.
+The logits chain (penalties, filters, the draw) is built once per call from the config.
 """
 
 from __future__ import annotations
@@ -14,25 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenloom.config import GenerationConfig
+from tokenloom.engine.scoring import top_pairs
 from tokenloom.errors import InvalidParameterError
-from tokenloom.sampling import processors as P
-from tokenloom.sampling.sampler import greedy, make_generators, process, row_seed, sample
+from tokenloom.outputs import TokenLogprob
+from tokenloom.sampling.chain import LogitsChain, SamplingState
+from tokenloom.sampling.sampler import make_generators, row_seed
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in pieces: bounded attention-matrix memory
-
-# parameters of the schema that this loop does not implement yet: refused, never ignored
-_UNSUPPORTED = ("num_beams", "num_beam_groups", "diversity_penalty", "penalty_alpha", "min_p", "typical_p",
-                "epsilon_cutoff", "eta_cutoff", "top_n_sigma", "xtc_probability", "dry_multiplier", "mirostat",
-                "repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size",
-                "bad_words_ids", "logit_bias", "suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
-                "exponential_decay_length_penalty", "logprobs", "prompt_logprobs")
-
-
-def check_supported(config: GenerationConfig) -> None:
-    default = GenerationConfig()
-    for name in _UNSUPPORTED:
-        if getattr(config, name) != getattr(default, name):
-            raise InvalidParameterError(name, getattr(config, name), f"{getattr(default, name)!r} (not supported yet)")
+MAX_LOOP_PERIOD = 64  # longest repeating block (in tokens) the loop detector looks for
 
 
 @dataclass
@@ -43,33 +33,38 @@ class Sequence:
     max_new: int  # max_new_tokens, lowered where the context window ends first
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class TokenLoop:
-    """Batched generation of token ids.
+    """Batched generation of token ids (greedy or sampling; beam search lives in beam.py).
 
     `step()` advances every live sequence by one token and returns ``[(index, token_id), ...]``;
     the caller may end a sequence early with `finish()` (e.g. on a stop string).
     """
 
     def __init__(self, model, prompts: list[list[int]], config: GenerationConfig, eos_ids: list[int],
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        check_supported(config)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", tokenizer=None,
+                 vocab_size: int | None = None):
+        if config.num_beams > 1 or config.penalty_alpha:
+            raise InvalidParameterError("num_beams", config.num_beams, "1 in the token loop (beam search has its own)")
         self.model, self.config, self.device = model, config, device
         n = config.num_return_sequences
         limit = model.max_positions
         self.seqs = [Sequence(i * n + j, i, len(p), min(config.max_new_tokens, limit - len(p)))
                      for i, p in enumerate(prompts) for j in range(n)]
-        stop_ids = set(config.stop_token_ids) | (set() if config.ignore_eos else set(config.eos_token_id or eos_ids))
-        self.stop_set = stop_ids
-        self.eos_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        model_eos = [] if config.ignore_eos else list(config.eos_token_id or eos_ids)
+        self.stop_set = set(config.stop_token_ids) | set(model_eos)
+        # min_new_tokens holds back stop token ids too, not only end-of-sequence (as vLLM's min_tokens)
+        self.chain = LogitsChain(config, sorted(self.stop_set), vocab_size or _vocab_size(model), tokenizer)
         self.generators = None
+        self.seed = config.seed
         if config.sampling:
-            seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(6), "little")
-            self.seed = seed
-            self.generators = make_generators([row_seed(seed, s.index % n) for s in self.seqs], device)
+            self.seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(6), "little")
+            self.generators = make_generators([row_seed(self.seed, s.index % n) for s in self.seqs], device)
         self.rows = list(range(len(self.seqs)))  # batch row -> sequence index
         self.deadline = None if config.max_time is None else time.monotonic() + config.max_time
+        self.generated = 0
         self._prefill(prompts, dtype)
         for s in self.seqs:
             if s.max_new <= 0:
@@ -79,36 +74,58 @@ class TokenLoop:
     # ------------------------------------------------------------------ internals
 
     def _prefill(self, prompts: list[list[int]], dtype) -> None:
-        lengths = [len(p) for p in prompts]
-        width = max(lengths)
+        n = self.config.num_return_sequences
+        width = max(len(p) for p in prompts)
         longest_new = max((s.max_new for s in self.seqs), default=0)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         pos = torch.full((len(prompts), width), -1, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             pos[i, width - len(p):] = torch.arange(len(p))
+        # token history for the logits chain: prompt + generated, -1 where padded
+        self.history = torch.full((len(prompts), width + max(longest_new, 1)), -1, dtype=torch.long)
+        self.history[:, :width] = ids.masked_fill(pos < 0, -1)
+        self.history_len = width
         ids, pos = ids.to(self.device), pos.to(self.device)
         self.cache = self.model.make_cache(len(prompts), width + max(longest_new, 1), dtype, self.device)
         with torch.inference_mode():
             for start in range(0, width, PREFILL_CHUNK):
                 logits = self.model(ids[:, start:start + PREFILL_CHUNK], pos[:, start:start + PREFILL_CHUNK],
                                     self.cache, last_only=True)
-        n = self.config.num_return_sequences
         if n > 1:  # copies of each prompt share one prefill
             rows = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
             self.cache.select(rows)
             logits = logits.index_select(0, rows)
+            self.history = self.history.repeat_interleave(n, dim=0)
         self.logits = logits[:, -1].float()
         self.next_pos = pos[:, -1].repeat_interleave(n) + 1
-        self.generated = 0
+        self.prompt_lens = torch.tensor([s.prompt_len for s in self.seqs], dtype=torch.long)
+        self.max_news = torch.tensor([s.max_new for s in self.seqs], dtype=torch.long)
+
+    def _state(self) -> SamplingState:
+        return SamplingState(tokens=self.history[:, :self.history_len], prompt_lens=self.prompt_lens,
+                             step=self.generated, max_new_tokens=self.max_news,
+                             generators=None if self.generators is None else [self.generators[i] for i in self.rows])
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.generated < self.config.min_new_tokens and len(self.eos_ids):
-            logits = P.suppress(logits, self.eos_ids)
-        if self.generators is None:
-            return greedy(logits)
-        gens = [self.generators[i] for i in self.rows]
-        return sample(process(logits, self.config), gens)
+        if self.chain.is_noop and self.config.logprobs is None:
+            return self.chain.draw(logits, self._state())
+        state = self._state()
+        processed = self.chain.process(logits, state)
+        tokens = self.chain.draw(processed, state)
+        if self.config.logprobs is not None:
+            self._record_logprobs(logits, processed, tokens)
+        return tokens
+
+    def _record_logprobs(self, raw: torch.Tensor, processed: torch.Tensor, tokens: torch.Tensor) -> None:
+        n = self.config.logprobs
+        raw_lp, proc_lp = raw.log_softmax(dim=-1), processed.log_softmax(dim=-1)
+        chosen_raw = raw_lp.gather(-1, tokens[:, None])[:, 0].tolist()
+        chosen_proc = proc_lp.gather(-1, tokens[:, None])[:, 0].tolist()
+        raw_top, proc_top = top_pairs(raw_lp, n), top_pairs(proc_lp, n)
+        for r, seq_index in enumerate(self.rows):
+            self.seqs[seq_index].logprobs.append(TokenLogprob(int(tokens[r]), chosen_proc[r], proc_top[r],
+                                                              chosen_raw[r], raw_top[r]))
 
     # ------------------------------------------------------------------ public
 
@@ -120,8 +137,11 @@ class TokenLoop:
         """Choose the next token of every live sequence, then run the model on them."""
         if self.done:
             return []
-        tokens = self._choose(self.logits).tolist()
+        tokens_t = self._choose(self.logits)
+        tokens = tokens_t.tolist()
         self.generated += 1
+        self.history[:, self.history_len] = tokens_t.cpu()
+        self.history_len += 1
         out = []
         for seq_index, tok in zip(self.rows, tokens):
             seq = self.seqs[seq_index]
@@ -136,7 +156,7 @@ class TokenLoop:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             for seq_index in self.rows:
                 self.seqs[seq_index].finish_reason = self.seqs[seq_index].finish_reason or "time"
-        self._advance(tokens)
+        self._advance(tokens_t)
         return out
 
     def finish(self, seq_index: int, reason: str = "stop") -> None:
@@ -146,32 +166,37 @@ class TokenLoop:
             seq.finish_reason = reason
             self._drop_finished()
 
-    def _advance(self, tokens: list[int]) -> None:
-        tokens_t = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        keep = self._drop_finished(tokens_t)
+    def _advance(self, tokens: torch.Tensor) -> None:
+        keep = self._drop_finished()
         if self.done:
             return
-        tokens_t = tokens_t if keep is None else tokens_t.index_select(0, keep)
+        tokens = tokens if keep is None else tokens.index_select(0, keep.to(tokens.device))
         with torch.inference_mode():
-            logits = self.model(tokens_t[:, None], self.next_pos[:, None], self.cache, last_only=True)
+            logits = self.model(tokens[:, None].to(self.device), self.next_pos[:, None], self.cache, last_only=True)
         self.logits = logits[:, -1].float()
         self.next_pos = self.next_pos + 1
 
-    def _drop_finished(self, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+    def _drop_finished(self) -> torch.Tensor | None:
         keep = [r for r, s in enumerate(self.rows) if self.seqs[s].finish_reason is None]
         if len(keep) == len(self.rows):
             return None
         self.rows = [self.rows[r] for r in keep]
         if not self.rows:
             return None
-        keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.cache.select(keep_t)
-        self.next_pos = self.next_pos.index_select(0, keep_t)
-        self.logits = self.logits.index_select(0, keep_t)
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        self.cache.select(keep_t.to(self.device))
+        self.next_pos = self.next_pos.index_select(0, keep_t.to(self.device))
+        self.logits = self.logits.index_select(0, keep_t.to(self.device))
+        self.history = self.history.index_select(0, keep_t)
+        self.prompt_lens = self.prompt_lens.index_select(0, keep_t)
+        self.max_news = self.max_news.index_select(0, keep_t)
+        self.chain.select_rows(keep_t)
         return keep_t
 
 
-MAX_LOOP_PERIOD = 64  # longest repeating block (in tokens) the loop detector looks for
+def _vocab_size(model) -> int:
+    head = getattr(model, "lm_head", None)
+    return head.out_features if head is not None else model.args.vocab_size
 
 
 def repeats_at_end(ids: list[int], times: int) -> bool:

@@ -162,15 +162,18 @@ class LogitsChain:
         return logits
 
     def choose(self, logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
-        """process(), then argmax, a seeded multinomial per row, or Mirostat 2 -> (B,) ids."""
-        logits = self.process(logits, state)
+        """process(), then draw() -> (B,) ids."""
+        return self.draw(self.process(logits, state), state)
+
+    def draw(self, processed: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        """Argmax, a seeded multinomial per row, or Mirostat 2, on already processed logits -> (B,) ids."""
         if not self.sampling:
-            return greedy(logits)
-        if state.generators is None or len(state.generators) != logits.shape[0]:
+            return greedy(processed)
+        if state.generators is None or len(state.generators) != processed.shape[0]:
             raise ValueError("sampling needs one generator per row in SamplingState.generators")
         if self.mirostat:
-            return self._mirostat(logits, state.generators)
-        return sample(logits, state.generators)
+            return self._mirostat(processed, state.generators)
+        return sample(processed, state.generators)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Rows left, were reordered or repeated (finished rows, beam search): keep per-row state in step."""
