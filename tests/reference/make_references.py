@@ -83,14 +83,11 @@ def child(folder: str) -> None:
                                              do_sample=False, eos_token_id=eos, pad_token_id=0, output_scores=True,
                                              return_dict_in_generate=True, **params)
                     gen = out.sequences[:, len(prompt):].tolist()
-                    if kind == "group":
-                        lengths = (out.beam_indices >= 0).sum(1).tolist()
-                        seqs = [g[:n] for g, n in zip(gen, lengths)]
-                        scores = out.sequences_scores.tolist()
-                    else:
-                        g = gen[0]
-                        seqs = [g[:g.index(eos) + 1] if eos is not None and eos in g else g]
-                        scores = None
+                    # a hypothesis ends at its EOS, or runs to max_new_tokens (4.51's group beam_indices
+                    # are not a reliable length); the rest of a row is padding
+                    seqs = [g[:g.index(eos) + 1] if eos is not None and eos in g else g for g in gen]
+                    assert all(len(g) == params["max_new_tokens"] or g[-1] == eos for g in seqs)
+                    scores = out.sequences_scores.tolist() if kind == "group" else None
                     entry[kind].append({"params": params, "prompt": prompt, "eos": eos, "sequences": seqs,
                                         "scores": scores})
         result["models"][mt] = entry
