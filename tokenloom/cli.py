@@ -7,6 +7,7 @@ flag with its description and range in --help. Errors print one line and exit no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import types
 import typing
 
 from tokenloom.config import GenerationConfig
-from tokenloom.errors import TokenloomError
+from tokenloom.errors import PromptError, TokenloomError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # argparse's status for a command line it cannot parse
@@ -146,8 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_prompt(args) -> str:
     """The prompt argument, else standard input without the newline `echo` adds."""
-    from tokenloom.errors import PromptError
-
     prompt = args.prompt
     if prompt is None or prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
@@ -164,22 +163,24 @@ def read_prompt(args) -> str:
 
 
 def generation_json(g) -> str:
-    """One returned sequence as a JSON line: the Generation's fields (index and text first)."""
-    import dataclasses
+    """One returned sequence as a JSON line: the Generation's fields (index and text first).
 
+    U+0085, U+2028 and U+2029 are escaped too: `str.splitlines()` and some JSON-lines readers
+    would split the line there."""
     record = {"index": g.index, "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason,
               "prompt_tokens": g.prompt_tokens}
     record.update({k: v for k, v in dataclasses.asdict(g).items() if k not in record})
-    return json.dumps(record, ensure_ascii=False)
+    line = json.dumps(record, ensure_ascii=False)
+    return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def cmd_generate(args) -> int:
     import tokenloom
+    from tokenloom.loading.resolve import resolve_model
 
     params = generation_params(args)
     GenerationConfig.from_dict(params)  # refuse bad values before spending time loading the model
     prompt = read_prompt(args)
-    from tokenloom.loading.resolve import resolve_model
     resolve_model(args.model)  # a missing or unrecognised model fails now, before torch is imported
     model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
     if args.json:
