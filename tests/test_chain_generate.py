@@ -73,3 +73,22 @@ def test_forced_bos_is_the_first_generated_token(pair):
     _, ours = pair
     got, _ = run(ours, prompts(2, seed=13), max_new_tokens=4, forced_bos_token_id=42, ignore_eos=True)
     assert [g[0] for g in got] == [42, 42]
+
+
+def test_api_beam_search_returns_nbest_with_scores(tmp_path):
+    import tokenloom
+    from tests.tiny import save_tiny
+
+    save_tiny("llama", tmp_path)
+    model = tokenloom.load(tmp_path)
+    gs = model.generate(["Once upon a time", "The fox"], num_beams=4, num_return_sequences=3, max_new_tokens=6,
+                        ignore_eos=True)
+    assert [(g.prompt_index, g.index) for g in gs] == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]
+    for group in (gs[:3], gs[3:]):
+        scores = [g.score for g in group]
+        assert scores == sorted(scores, reverse=True) and len({tuple(g.token_ids) for g in group}) == 3
+        assert all(g.text == model.tokenizer.decode(g.token_ids) for g in group)
+    streamed = list(model.stream("Once upon a time", num_beams=4, max_new_tokens=6, ignore_eos=True))
+    assert len(streamed) == 1 and streamed[0].token_ids == gs[0].token_ids and streamed[0].score == gs[0].score
+    cs = model.generate("Once upon a time", penalty_alpha=0.5, top_k=4, max_new_tokens=6, ignore_eos=True)
+    assert len(cs.token_ids) == 6 and cs.score is None

@@ -102,6 +102,7 @@ class Model:
             g.text += d.text
             g.token_ids.extend(d.token_ids)
             g.finish_reason = d.finish_reason or g.finish_reason
+            g.score = d.score if d.score is not None else g.score
             if d.logprobs is not None:
                 g.logprobs = g.logprobs if g.logprobs is not None else []
                 g.logprobs.extend(d.logprobs)
@@ -169,7 +170,11 @@ class Model:
 
     def _run(self, prompt_ids: list[list[int]], cfg: GenerationConfig) -> Iterator[StreamDelta]:
         from tokenloom.engine.output import TextStream
+        from tokenloom.engine.search import uses_search
 
+        if uses_search(cfg):
+            yield from self._run_search(prompt_ids, cfg)
+            return
         loop = TokenLoop(self.network, prompt_ids, cfg, self.tokenizer.eos_token_ids, self.dtype, self.device,
                          tokenizer=self.tokenizer)
         streams = [TextStream(self.tokenizer, prompt_ids[s.prompt_index], cfg.stop,
@@ -187,3 +192,15 @@ class Model:
                     text += ts.finish()
                 lps = None if cfg.logprobs is None else seq.logprobs[-1:]
                 yield StreamDelta(text, [token], index, seq.prompt_index, seq.finish_reason, lps)
+
+    def _run_search(self, prompt_ids: list[list[int]], cfg: GenerationConfig) -> Iterator[StreamDelta]:
+        """Beam or contrastive search: each sequence arrives whole, stop strings cut its text."""
+        from tokenloom.engine.output import TextStream
+        from tokenloom.engine.search import run_search
+
+        for f in run_search(self.network, self.tokenizer, prompt_ids, cfg, self.dtype, self.device):
+            ts = TextStream(self.tokenizer, prompt_ids[f.prompt_index], cfg.stop,
+                            include_stop=cfg.include_stop_str_in_output)
+            text = "".join(ts.add(t) for t in f.token_ids) + ts.finish()
+            reason = "stop" if ts.stopped else f.finish_reason
+            yield StreamDelta(text, f.token_ids, f.index, f.prompt_index, reason, score=f.score)

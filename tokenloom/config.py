@@ -221,6 +221,13 @@ class GenerationConfig:
         if self.num_beam_groups > 1 and self.sampling:
             raise InvalidParameterError("num_beam_groups", self.num_beam_groups,
                                         "1 when sampling (diverse beam search is deterministic)")
+        if (self.num_beams > 1 or self.penalty_alpha) and self.logprobs is not None:
+            raise InvalidParameterError("logprobs", self.logprobs, "null with beam or contrastive search")
+        if self.penalty_alpha and self.num_return_sequences > 1:
+            raise InvalidParameterError("num_return_sequences", self.num_return_sequences,
+                                        "1 with contrastive search (it is deterministic)")
+        if self.penalty_alpha and self.num_beams > 1:
+            raise InvalidParameterError("penalty_alpha", self.penalty_alpha, "0 or null with beam search")
         if self.penalty_alpha and not (self.top_k and self.top_k > 1):
             raise InvalidParameterError("top_k", self.top_k, "an integer > 1 with contrastive search (penalty_alpha)")
 

@@ -30,6 +30,7 @@ class StreamDelta:
     prompt_index: int = 0
     finish_reason: str | None = None  # set on the last delta of a sequence
     logprobs: list["TokenLogprob"] | None = None  # for token_ids, with `logprobs` set
+    score: float | None = None  # beam search: the sequence score
 
 
 @dataclass
