@@ -23,6 +23,11 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self._pending = 0
+        # encoder-decoder models: per-layer cross-attention keys/values (B, Hkv, S, hd), computed
+        # once from the encoder output, and which source positions are real (B, S) bool
+        self.cross_k: list[torch.Tensor] = []
+        self.cross_v: list[torch.Tensor] = []
+        self.memory_mask: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -53,3 +58,7 @@ class KVCache:
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
         self.positions = self.positions.index_select(0, rows)
+        self.cross_k = [k.index_select(0, rows) for k in self.cross_k]
+        self.cross_v = [v.index_select(0, rows) for v in self.cross_v]
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.index_select(0, rows)
