@@ -51,7 +51,9 @@ class TokenLoop:
         self.model, self.config, self.device = model, config, device
         n = config.num_return_sequences
         limit = model.max_positions
-        self.seqs = [Sequence(i * n + j, i, len(p), min(config.max_new_tokens, limit - len(p)))
+        # a decoder-only prompt shares the context window with the output; a source does not
+        used = (lambda p: 1) if getattr(model, "is_encoder_decoder", False) else len
+        self.seqs = [Sequence(i * n + j, i, len(p), min(config.max_new_tokens, limit - used(p)))
                      for i, p in enumerate(prompts) for j in range(n)]
         model_eos = [] if config.ignore_eos else list(config.eos_token_id or eos_ids)
         self.stop_set = set(config.stop_token_ids) | set(model_eos)
@@ -75,8 +77,24 @@ class TokenLoop:
 
     def _prefill(self, prompts: list[list[int]], dtype) -> None:
         n = self.config.num_return_sequences
-        width = max(len(p) for p in prompts)
         longest_new = max((s.max_new for s in self.seqs), default=0)
+        if getattr(self.model, "is_encoder_decoder", False):
+            logits, pos = self._start_decoder(prompts, dtype, longest_new)
+        else:
+            logits, pos = self._prefill_prompts(prompts, dtype, longest_new)
+        if n > 1:  # copies of each prompt share one prefill
+            rows = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
+            self.cache.select(rows)
+            logits = logits.index_select(0, rows)
+            self.history = self.history.repeat_interleave(n, dim=0)
+        self.logits = logits[:, -1].float()
+        self.next_pos = pos[:, -1].repeat_interleave(n) + 1
+        self.prompt_lens = torch.tensor([s.prompt_len for s in self.seqs], dtype=torch.long)
+        self.max_news = torch.tensor([s.max_new for s in self.seqs], dtype=torch.long)
+
+    def _prefill_prompts(self, prompts: list[list[int]], dtype, longest_new: int):
+        """Decoder-only: the prompts, left-padded, through the model in chunks."""
+        width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         pos = torch.full((len(prompts), width), -1, dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -92,15 +110,30 @@ class TokenLoop:
             for start in range(0, width, PREFILL_CHUNK):
                 logits = self.model(ids[:, start:start + PREFILL_CHUNK], pos[:, start:start + PREFILL_CHUNK],
                                     self.cache, last_only=True)
-        if n > 1:  # copies of each prompt share one prefill
-            rows = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
-            self.cache.select(rows)
-            logits = logits.index_select(0, rows)
-            self.history = self.history.repeat_interleave(n, dim=0)
-        self.logits = logits[:, -1].float()
-        self.next_pos = pos[:, -1].repeat_interleave(n) + 1
-        self.prompt_lens = torch.tensor([s.prompt_len for s in self.seqs], dtype=torch.long)
-        self.max_news = torch.tensor([s.max_new for s in self.seqs], dtype=torch.long)
+        return logits, pos
+
+    def _start_decoder(self, sources: list[list[int]], dtype, longest_new: int):
+        """Encoder-decoder: encode the sources once (their keys/values go into the cross-attention
+        cache), then run the decoder start token. The chain sees the decoder's tokens only."""
+        width = max(len(p) for p in sources)
+        ids = torch.zeros(len(sources), width, dtype=torch.long)
+        mask = torch.zeros(len(sources), width, dtype=torch.bool)
+        for i, p in enumerate(sources):
+            ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p, dtype=torch.long), True
+        start = self.model.decoder_start_token_id
+        self.history = torch.full((len(sources), 1 + max(longest_new, 1)), -1, dtype=torch.long)
+        self.history[:, 0] = start
+        self.history_len = 1
+        for s in self.seqs:
+            s.prompt_len = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = torch.zeros(len(sources), 1, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            memory = self.model.encode(ids, mask)
+            self.cache = self.model.make_cache(len(sources), 1 + max(longest_new, 1), dtype, self.device,
+                                               memory=memory, memory_mask=mask)
+            logits = self.model(torch.full_like(pos, start), pos, self.cache, last_only=True)
+        return logits, pos
 
     def _state(self) -> SamplingState:
         return SamplingState(tokens=self.history[:, :self.history_len], prompt_lens=self.prompt_lens,
