@@ -205,8 +205,6 @@ def test_stop_string_absent_changes_nothing(llama, free_run):
     assert (g.text, g.token_ids, g.finish_reason) == (free_run.text, free_run.token_ids, "length")
 
 
-@pytest.mark.xfail(strict=True, reason="api.py Model._run: a stop string completed by the last allowed token "
-                                        "reports finish_reason 'length' (loop.finish keeps the earlier reason)")
 def test_stop_string_on_the_last_allowed_token_still_finishes_with_stop(llama, free_run):
     stop = clean_substring(free_run.text, len(free_run.text) // 2)
     k = len(llama.generate(PROMPT, max_new_tokens=30, ignore_eos=True, stop=[stop]).token_ids)
@@ -520,8 +518,6 @@ def test_bad_prompt_raises_prompt_error(llama, prompt, words):
         list(llama.stream(prompt, max_new_tokens=3))
 
 
-@pytest.mark.xfail(strict=True, reason="api.py Model.generate/stream: list(prompt) on a non-str, non-list prompt "
-                                        "raises a bare TypeError instead of PromptError")
 @pytest.mark.parametrize("prompt", [None, 123])
 def test_prompt_of_the_wrong_type_raises_prompt_error(llama, prompt):
     with pytest.raises(PromptError, match="string"):

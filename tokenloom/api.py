@@ -61,6 +61,14 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "
                  path=source.path, dtype=torch_dtype, device=device_t, config=config)
 
 
+def _prompt_list(prompt) -> list:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)):
+        return list(prompt)
+    raise PromptError(f"a prompt must be a string or a list of strings, got {type(prompt).__name__}")
+
+
 class Model:
     """A loaded model with its tokenizer and default generation settings."""
 
@@ -93,7 +101,7 @@ class Model:
         """Generate continuations. One prompt and one sequence -> a Generation; else a list
         (prompt-major: the `num_return_sequences` sequences of prompt 0 first)."""
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        prompts = _prompt_list(prompt)
         cfg = self.generation_config(config, **params)
         prompt_ids = self.encode_prompts(prompts)
         results: dict[int, Generation] = {}
@@ -122,7 +130,7 @@ class Model:
 
         Parameters and prompts are checked now, not at the first iteration."""
         cfg = self.generation_config(config, **params)
-        return self._run(self.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt)), cfg)
+        return self._run(self.encode_prompts(_prompt_list(prompt)), cfg)
 
     def _prompt_logprobs(self, prompt_ids: list[list[int]], top_n: int | None):
         if top_n is None:

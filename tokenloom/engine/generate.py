@@ -193,10 +193,12 @@ class TokenLoop:
         return out
 
     def finish(self, seq_index: int, reason: str = "stop") -> None:
-        """End a sequence now (the caller found a stop string); it leaves the batch."""
+        """End a sequence now (the caller found a stop string); it leaves the batch. The reason
+        wins over one set by this step (a stop string completed by the last allowed token)."""
         seq = self.seqs[seq_index]
-        if seq.finish_reason is None:
-            seq.finish_reason = reason
+        was_live = seq.finish_reason is None
+        seq.finish_reason = reason
+        if was_live:
             self._drop_finished()
 
     def _advance(self, tokens: torch.Tensor) -> None:
