@@ -17,6 +17,8 @@ ARCHITECTURES = {
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",
     "gpt2": "gpt2",
+    "t5": "t5",
+    "mt5": "t5",
 }
 
 
