@@ -19,6 +19,9 @@ ARCHITECTURES = {
     "gpt2": "gpt2",
     "t5": "t5",
     "mt5": "t5",
+    "bart": "bart",
+    "mbart": "bart",
+    "marian": "bart",
 }
 
 
