@@ -246,7 +246,9 @@ def cmd_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "pull": cmd_pull, "models": cmd_models}[args.command](args)
+        status = {"generate": cmd_generate, "pull": cmd_pull, "models": cmd_models}[args.command](args)
+        sys.stdout.flush()  # a reader that left shows up here, not in Python's flush at exit
+        return status
     except TokenloomError as e:
         print(f"tokenloom: error: {e}", file=sys.stderr)
         return EXIT_ERROR
