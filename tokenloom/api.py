@@ -101,9 +101,12 @@ class Model:
         """Generate continuations. One prompt and one sequence -> a Generation; else a list
         (prompt-major: the `num_return_sequences` sequences of prompt 0 first)."""
         single = isinstance(prompt, str)
-        prompts = _prompt_list(prompt)
         cfg = self.generation_config(config, **params)
-        prompt_ids = self.encode_prompts(prompts)
+        out = self.generate_ids(self.encode_prompts(_prompt_list(prompt)), cfg)
+        return out[0] if single and len(out) == 1 else out
+
+    def generate_ids(self, prompt_ids: list[list[int]], cfg: GenerationConfig) -> list[Generation]:
+        """Generate from already tokenized prompts (e.g. a rendered chat) -> all sequences, prompt-major."""
         results: dict[int, Generation] = {}
         for d in self._run(prompt_ids, cfg):
             g = results.setdefault(d.index, Generation("", [], None, d.index, d.prompt_index))
@@ -122,7 +125,42 @@ class Model:
                 g.logprobs = []
             if prompt_lps is not None:
                 g.prompt_logprobs = prompt_lps[g.prompt_index]
-        return out[0] if single and len(out) == 1 else out
+        return out
+
+    # ------------------------------------------------------------------ chat and applications
+
+    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render `messages` with the model's chat template and tokenize the result. The
+        template places the special tokens, so none are added around it."""
+        from tokenloom.tokenizer.chat_template import render_chat
+
+        tok = self.tokenizer
+        text = render_chat(tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=tok.decode([tok.bos_token_id], skip_special_tokens=False) if tok.bos_token_id is not None else "",
+                           eos_token=tok.decode([tok.eos_token_id], skip_special_tokens=False) if tok.eos_token_id is not None else "")
+        ids = tok.encode(text, add_special_tokens=False)
+        if len(ids) >= self.context_length:
+            raise PromptError(f"the conversation has {len(ids)} tokens but the model's context window is "
+                              f"{self.context_length} tokens")
+        return ids
+
+    def chat(self, messages: list[dict], config: GenerationConfig | dict | None = None, **params) -> Generation:
+        """Reply to a conversation ([{"role": "user", "content": ...}, ...]) using the chat template."""
+        cfg = self.generation_config(config, **params)
+        return self.generate_ids([self.chat_prompt_ids(messages)], cfg)[0]
+
+    def translate(self, text: str | list[str], source: str | None = None, target: str | None = None,
+                  **params) -> str | list[str]:
+        """Translate text (one string or a list); see tokenloom.tasks for how each model is prompted."""
+        from tokenloom.tasks import translate
+
+        return translate(self, text, source, target, **params)
+
+    def summarize(self, text: str | list[str], **params) -> str | list[str]:
+        """Summarize text; documents longer than the model's window are summarized chunk by chunk."""
+        from tokenloom.tasks import summarize
+
+        return summarize(self, text, **params)
 
     def stream(self, prompt: str | list[str], config: GenerationConfig | dict | None = None,
                **params) -> Iterator[StreamDelta]:
