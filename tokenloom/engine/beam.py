@@ -51,11 +51,15 @@ class _Search:
         self.stop_set = stop
         self.stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
         limit = model.max_positions
-        self.max_new = [min(config.max_new_tokens, limit - len(p)) for p in prompts]
+        self.seq2seq = bool(getattr(model, "is_encoder_decoder", False))
+        # a source does not share the decoder's positions; a decoder-only prompt does
+        self.max_new = [min(config.max_new_tokens, limit - (1 if self.seq2seq else len(p))) for p in prompts]
         self.dtype = dtype
 
     def prefill(self, rows: list[int]) -> torch.Tensor:
         """Prefill the prompts `rows`, repeat each num_beams times -> last logits (len(rows) * B, V)."""
+        if self.seq2seq:
+            return self._start_decoder(rows)
         prompts = [self.prompts[i] for i in rows]
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -76,6 +80,29 @@ class _Search:
         self.cache.select(expand)
         self.prompt_tokens = pad.to(self.device).index_select(0, expand)  # (R, width), -1 = padding
         self.next_pos = pos[:, -1].index_select(0, expand) + 1  # (R,)
+        return logits[:, -1].float().index_select(0, expand)
+
+    def _start_decoder(self, rows: list[int]) -> torch.Tensor:
+        """Encoder-decoder: encode each source once, then the decoder start token for every beam."""
+        sources = [self.prompts[i] for i in rows]
+        width = max(len(p) for p in sources)
+        ids = torch.zeros(len(sources), width, dtype=torch.long)
+        mask = torch.zeros(len(sources), width, dtype=torch.bool)
+        for i, p in enumerate(sources):
+            ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p, dtype=torch.long), True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        start = self.model.decoder_start_token_id
+        longest = max(self.max_new[i] for i in rows)
+        pos = torch.zeros(len(sources), 1, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            memory = self.model.encode(ids, mask)
+            self.cache = self.model.make_cache(len(sources), 1 + max(longest, 1), self.dtype, self.device,
+                                               memory=memory, memory_mask=mask)
+            logits = self.model(torch.full_like(pos, start), pos, self.cache, last_only=True)
+        expand = torch.arange(len(sources), device=self.device).repeat_interleave(self.num_beams)
+        self.cache.select(expand)
+        self.prompt_tokens = torch.full((len(expand), 1), start, dtype=torch.long, device=self.device)
+        self.next_pos = torch.ones(len(expand), dtype=torch.long, device=self.device)
         return logits[:, -1].float().index_select(0, expand)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
