@@ -26,6 +26,10 @@ def contrastive_search(model, prompts: list[list[int]], config: GenerationConfig
     `process(logits (R, V), tokens (R, L) left-padded with -1, step) -> logits` is the logits
     chain, applied to the raw logits before the softmax that ranks the candidates.
     """
+    if getattr(model, "is_encoder_decoder", False):
+        from tokenloom.errors import InvalidParameterError
+        raise InvalidParameterError("penalty_alpha", config.penalty_alpha,
+                                    "null for encoder-decoder models (contrastive search is decoder-only so far)")
     alpha, k = config.penalty_alpha or 0.0, config.top_k
     if not k or k < 1:
         raise ValueError("contrastive search needs top_k >= 1")
