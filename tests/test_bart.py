@@ -201,3 +201,39 @@ def test_forward_without_memory_is_an_error(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="memory"):
         ours(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), ours.make_cache(1, 4))
+
+
+@torch.no_grad()
+def test_saved_checkpoint_loads(pair, tmp_path):
+    """A `save_pretrained` folder keeps one copy of tied weights (and no Marian sinusoids)."""
+    from tokenloom.loading.checkpoint import load_hf_state_dict, read_hf_config
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    config, weights = read_hf_config(tmp_path), load_hf_state_dict(tmp_path)
+    assert "lm_head.weight" not in weights
+    src, mask = sources()
+    dec = decoder_ids(hf)
+    ref = hf(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+    ours = build_model(config, weights)
+    torch.testing.assert_close(run_decoder(ours, ours.encode(src, mask), mask, dec), ref, atol=ATOL, rtol=RTOL)
+    # old checkpoints may lack final_logits_bias: transformers then uses zeros
+    del weights["final_logits_bias"]
+    ours = build_model(config, weights)
+    got = run_decoder(ours, ours.encode(src, mask), mask, dec)
+    torch.testing.assert_close(got, ref - hf.final_logits_bias, atol=ATOL, rtol=RTOL)
+
+
+@torch.no_grad()
+def test_bfloat16_runs_close_to_float32(pair):
+    hf, ours = pair
+    low = build_model(hf.config.to_dict(), hf.state_dict(), dtype=torch.bfloat16)
+    src, mask = sources()
+    dec = decoder_ids(hf)
+    memory = low.encode(src, mask)
+    assert memory.dtype == torch.bfloat16
+    cache = low.make_cache(2, dec.shape[1], dtype=torch.bfloat16, memory=memory, memory_mask=mask)
+    got = low(dec, torch.arange(dec.shape[1]).expand(2, -1), cache).float()
+    ref = run_decoder(ours, ours.encode(src, mask), mask, dec)
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
