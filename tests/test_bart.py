@@ -60,11 +60,10 @@ def sources():
     return ids, mask
 
 
-def decoder_ids(hf, n=7):
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, hf.config.decoder_vocab_size if hasattr(hf.config, "decoder_vocab_size") else VOCAB,
-                        (2, n), generator=g)
-    ids[:, 0] = hf.config.decoder_start_token_id
+def decoder_ids(ours, n=7):
+    """Decoder input starting with the model's decoder start token."""
+    ids = torch.randint(3, ours.args.decoder_vocab_size, (2, n), generator=torch.Generator().manual_seed(2))
+    ids[:, 0] = ours.decoder_start_token_id
     return ids
 
 
@@ -83,7 +82,7 @@ def run_decoder(ours, memory, mask, dec, steps=None):
 def test_logits_equal_transformers(pair):
     hf, ours = pair
     src, mask = sources()
-    dec = decoder_ids(hf)
+    dec = decoder_ids(ours)
     ref = hf(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec)
     memory = ours.encode(src, mask)
     torch.testing.assert_close(memory[mask], ref.encoder_last_hidden_state[mask], atol=ATOL, rtol=RTOL)
@@ -97,26 +96,18 @@ def test_logits_equal_transformers(pair):
 def test_cached_decode_equals_full_pass(pair):
     _, ours = pair
     src, mask = sources()
-    dec = decoder_ids(ours_hf_like(ours), 9)
+    dec = decoder_ids(ours, 9)
     memory = ours.encode(src, mask)
     full = run_decoder(ours, memory, mask, dec)
     torch.testing.assert_close(run_decoder(ours, memory, mask, dec, [1] * 9), full, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(run_decoder(ours, memory, mask, dec, [4, 1, 3, 1]), full, atol=ATOL, rtol=RTOL)
 
 
-def ours_hf_like(ours):
-    class C:  # just what decoder_ids reads
-        class config:
-            decoder_start_token_id = ours.decoder_start_token_id
-            decoder_vocab_size = ours.args.decoder_vocab_size
-    return C
-
-
 @torch.no_grad()
 def test_padded_row_equals_alone(pair):
     _, ours = pair
     src, mask = sources()
-    dec = decoder_ids(ours_hf_like(ours))
+    dec = decoder_ids(ours)
     batched = run_decoder(ours, ours.encode(src, mask), mask, dec)
     for row in range(2):
         alone = src[row:row + 1, :int(mask[row].sum())]
@@ -134,7 +125,7 @@ def test_padded_row_equals_alone(pair):
 def test_select_repeats_rows(pair):
     _, ours = pair
     src, mask = sources()
-    dec = decoder_ids(ours_hf_like(ours), 6)
+    dec = decoder_ids(ours, 6)
     memory = ours.encode(src, mask)
     full = run_decoder(ours, memory, mask, dec)
     cache = ours.make_cache(2, 6, memory=memory, memory_mask=mask)
@@ -208,12 +199,12 @@ def test_saved_checkpoint_loads(pair, tmp_path):
     """A `save_pretrained` folder keeps one copy of tied weights (and no Marian sinusoids)."""
     from tokenloom.loading.checkpoint import load_hf_state_dict, read_hf_config
 
-    hf, _ = pair
+    hf, ours = pair
     hf.save_pretrained(tmp_path)
     config, weights = read_hf_config(tmp_path), load_hf_state_dict(tmp_path)
     assert "lm_head.weight" not in weights
     src, mask = sources()
-    dec = decoder_ids(hf)
+    dec = decoder_ids(ours)
     ref = hf(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
     ours = build_model(config, weights)
     torch.testing.assert_close(run_decoder(ours, ours.encode(src, mask), mask, dec), ref, atol=ATOL, rtol=RTOL)
@@ -229,7 +220,7 @@ def test_bfloat16_runs_close_to_float32(pair):
     hf, ours = pair
     low = build_model(hf.config.to_dict(), hf.state_dict(), dtype=torch.bfloat16)
     src, mask = sources()
-    dec = decoder_ids(hf)
+    dec = decoder_ids(ours)
     memory = low.encode(src, mask)
     assert memory.dtype == torch.bfloat16
     cache = low.make_cache(2, dec.shape[1], dtype=torch.bfloat16, memory=memory, memory_mask=mask)
