@@ -93,3 +93,36 @@ def test_api_on_a_t5_folder(tmp_path, pair):
     beams = model.generate("summarize: The fox ran.", num_beams=2, num_return_sequences=2, max_new_tokens=5)
     assert len(beams) == 2 and beams[0].score >= beams[1].score
     assert isinstance(model.summarize("The fox ran. The dog slept.", max_new_tokens=5), str)
+
+
+@pytest.mark.parametrize("kind", ["bart", "marian"])
+def test_api_bart_family_uses_config_defaults_like_transformers(tmp_path, kind):
+    import json
+
+    import transformers
+
+    import tokenloom
+
+    torch.manual_seed(1)
+    common = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0 if kind == "marian" else 2,
+                  forced_eos_token_id=2)
+    if kind == "bart":
+        hf = transformers.BartForConditionalGeneration(transformers.BartConfig(**common)).eval()
+    else:
+        hf = transformers.MarianMTModel(transformers.MarianConfig(**common)).eval()
+    hf.save_pretrained(tmp_path)
+    train_tokenizer(VOCAB).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)  # defaults from config.json, as older checkpoints
+    model = tokenloom.load(tmp_path)
+    assert model.defaults.forced_eos_token_id == [2]
+    src = model.tokenizer.encode("The quick brown fox.")
+    for beams in (1, 3):
+        ref = hf_generate(hf, [src], max_new_tokens=7, num_beams=beams, forced_eos_token_id=2, eos_token_id=2)
+        g = model.generate("The quick brown fox.", max_new_tokens=7, num_beams=beams)
+        g = g[0] if isinstance(g, list) else g
+        ref_ids = ref.sequences[0, 1:].tolist()
+        assert g.token_ids == ref_ids[:len(g.token_ids)] and set(ref_ids[len(g.token_ids):]) <= {0}
+        assert g.token_ids[-1] == 2  # forced end of sequence at the last step

@@ -55,6 +55,9 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "
         config = read_hf_config(source.path)
         weights = load_hf_state_dict(source.path, dtype=torch_dtype, allow_pickle=allow_pickle)
         defaults = read_generation_config(source.path)
+        if not defaults:  # older checkpoints (BART, Marian) keep their generation defaults in config.json
+            names = set(GenerationConfig.field_names())
+            defaults = {k: v for k, v in config.items() if k in names}
         tokenizer = Tokenizer.from_folder(source.path, generation_config=defaults, config=config)
     network = build_model(config, weights, torch_dtype).to(device_t)
     return Model(network, tokenizer, GenerationConfig.from_model_defaults(defaults), name=source.name,
