@@ -126,3 +126,33 @@ def test_api_bart_family_uses_config_defaults_like_transformers(tmp_path, kind):
         ref_ids = ref.sequences[0, 1:].tolist()
         assert g.token_ids == ref_ids[:len(g.token_ids)] and set(ref_ids[len(g.token_ids):]) <= {0}
         assert g.token_ids[-1] == 2  # forced end of sequence at the last step
+
+
+def test_cli_translate_and_summarize(tmp_path, pair):
+    import json
+    import subprocess
+    import sys
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    train_tokenizer(VOCAB).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    lines = tmp_path / "in.txt"
+    lines.write_text("The fox.\n\nA bird sings.\n")
+
+    def cli(*args, stdin=None):
+        return subprocess.run([sys.executable, "-m", "tokenloom", *args], input=stdin, capture_output=True,
+                              text=True, timeout=120)
+
+    r = cli("translate", "-m", str(tmp_path), "--target", "de", "-f", str(lines), "--json", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["input"] for x in records] == ["The fox.", "A bird sings."]
+    import tokenloom
+
+    model = tokenloom.load(tmp_path)
+    assert records[0]["output"] == model.translate("The fox.", target="de", max_new_tokens=4)
+    r = cli("summarize", "-m", str(tmp_path), "--max-new-tokens", "4", stdin="The fox ran. The dog slept.\n")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
+    r = cli("summarize", "-m", str(tmp_path), stdin="\n\n")
+    assert r.returncode == 1 and r.stderr.startswith("tokenloom: error:") and "empty" in r.stderr

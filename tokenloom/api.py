@@ -53,6 +53,8 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "
     else:
         from tokenloom.loading.checkpoint import load_hf_state_dict, read_generation_config, read_hf_config
         config = read_hf_config(source.path)
+        from tokenloom.models import model_module, text_config
+        model_module(text_config(config).get("model_type"))  # an unknown architecture fails before any weight is read
         weights = load_hf_state_dict(source.path, dtype=torch_dtype, allow_pickle=allow_pickle)
         defaults = read_generation_config(source.path)
         if not defaults:  # older checkpoints (BART, Marian) keep their generation defaults in config.json

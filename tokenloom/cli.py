@@ -1,4 +1,4 @@
-"""The `tokenloom` command: generate, pull, models. Each subcommand calls into the library.
+"""The `tokenloom` command: generate, translate, summarize, pull, models. Each subcommand calls into the library.
 
 Generation flags are made from GenerationConfig's fields, so every generation parameter is a
 flag with its description and range in --help. Errors print one line and exit non-zero.
@@ -138,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow pickle checkpoints (pytorch_model.bin); loaded with weights_only=True")
     add_generation_flags(gen)
 
+    for name, helptext in (("translate", "translate text"), ("summarize", "summarize text")):
+        task = sub.add_parser(name, help=helptext, description=(
+            f"{helptext.capitalize()} with an encoder-decoder model (T5, BART, mBART, Marian) or a decoder-only one "
+            "(through an instruction and its chat template). Without TEXT, each line of --file or of standard "
+            "input is one text; one result is printed per line."))
+        task.add_argument("text", nargs="?", help="the text; otherwise lines of --file or standard input")
+        task.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"the model (default: {DEFAULT_MODEL})")
+        task.add_argument("-f", "--file", help="read texts from this file, one per line")
+        if name == "translate":
+            task.add_argument("--source", help="source language (code such as en, or mBART's en_XX)")
+            task.add_argument("--target", help="target language (code such as de, or mBART's de_DE)")
+        task.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        task.add_argument("--device", default="cpu")
+        task.add_argument("--json", action="store_true", help="print one JSON object per text")
+        add_generation_flags(task)
+
     pull = sub.add_parser("pull", help="download a model from the built-in registry into the local cache")
     pull.add_argument("name", help="registry name (see `tokenloom models`)")
 
@@ -188,6 +204,46 @@ def cmd_generate(args) -> int:
             print(generation_json(g), flush=True)
         return 0
     stream_to_terminal(model.stream(prompt, **params), sys.stdout)
+    return 0
+
+
+def read_texts(args) -> list[str]:
+    """TEXT, or the non-empty lines of --file / standard input."""
+    if args.text is not None:
+        if not args.text.strip():
+            raise PromptError("the text is empty")
+        return [args.text]
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PromptError(f"cannot read {args.file}: {e}") from None
+    elif sys.stdin is None or sys.stdin.isatty():
+        raise PromptError("no text: give it as an argument, with --file, or on standard input")
+    else:
+        lines = sys.stdin.read().splitlines()
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise PromptError("no text to process: the input is empty")
+    return texts
+
+
+def cmd_task(args) -> int:
+    import tokenloom
+    from tokenloom.loading.resolve import resolve_model
+
+    params = generation_params(args)
+    GenerationConfig.from_dict(params)
+    texts = read_texts(args)
+    resolve_model(args.model)
+    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device)
+    for text in texts:  # one at a time, so results appear as they are ready
+        if args.command == "translate":
+            out = model.translate(text, source=args.source, target=args.target, **params)
+        else:
+            out = model.summarize(text, **params)
+        print(json.dumps({"input": text, "output": out}, ensure_ascii=False) if args.json else out, flush=True)
     return 0
 
 
@@ -246,7 +302,9 @@ def cmd_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        status = {"generate": cmd_generate, "pull": cmd_pull, "models": cmd_models}[args.command](args)
+        commands = {"generate": cmd_generate, "translate": cmd_task, "summarize": cmd_task, "pull": cmd_pull,
+                    "models": cmd_models}
+        status = commands[args.command](args)
         sys.stdout.flush()  # a reader that left shows up here, not in Python's flush at exit
         return status
     except TokenloomError as e:

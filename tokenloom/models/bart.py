@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask, fuse
+from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask, fuse, embedding
 from tokenloom.models.cache import KVCache
 
 ACTIVATIONS = {
@@ -203,7 +203,7 @@ class Stack(nn.Module):
 
     def __init__(self, args: ModelArgs, vocab: int, layers: list[nn.Module]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, args.d_model)
+        self.embed_tokens = embedding(vocab, args.d_model)
         self.embed_positions = Positions(args)
         self.layernorm_embedding = nn.LayerNorm(args.d_model) if args.embedding_norm else None
         self.layers = nn.ModuleList(layers)

@@ -185,3 +185,9 @@ class OutputHead(nn.Linear):
         out = torch._C._nn.mkldnn_linear(x.reshape(-1, shape[-1]).contiguous().to_mkldnn(), self._packed, None)
         out = out.to_dense().view(*shape[:-1], -1)
         return out if self.bias is None else out + self.bias
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding without its random init: models are built on the meta device and then get
+    their weights, and initialising a meta embedding imports torch._dynamo (~2 s per load)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))

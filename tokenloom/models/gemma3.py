@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, rope_parameters
+from tokenloom.models.base import OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, rope_parameters, embedding
 from tokenloom.models.cache import KVCache
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -116,7 +116,7 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=1.0)
         self.lm_head = OutputHead(args.hidden_size, args.vocab_size, bias=False)

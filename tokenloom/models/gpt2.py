@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask
+from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask, embedding
 from tokenloom.models.cache import KVCache
 
 
@@ -77,8 +77,8 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.wte = nn.Embedding(args.vocab_size, args.n_embd)
-        self.wpe = nn.Embedding(args.n_positions, args.n_embd)
+        self.wte = embedding(args.vocab_size, args.n_embd)
+        self.wpe = embedding(args.n_positions, args.n_embd)
         self.h = nn.ModuleList(Block(args, i) for i in range(args.n_layer))
         self.ln_f = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
         self.lm_head = OutputHead(args.n_embd, args.vocab_size, bias=False)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask, fuse
+from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask, fuse, embedding
 from tokenloom.models.cache import KVCache
 
 
@@ -110,7 +110,7 @@ class RelativeBias(nn.Module):
         super().__init__()
         self.bidirectional = bidirectional
         self.num_buckets, self.max_distance = args.relative_attention_num_buckets, args.relative_attention_max_distance
-        self.relative_attention_bias = nn.Embedding(self.num_buckets, args.num_heads)
+        self.relative_attention_bias = embedding(self.num_buckets, args.num_heads)
 
     def bucket(self, rel: torch.Tensor) -> torch.Tensor:
         n, out = self.num_buckets, torch.zeros_like(rel)
@@ -249,7 +249,7 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.shared = nn.Embedding(args.vocab_size, args.d_model)
+        self.shared = embedding(args.vocab_size, args.d_model)
         self.encoder = Encoder(args)
         self.decoder = Decoder(args)
         self.lm_head = OutputHead(args.d_model, args.vocab_size, bias=False)
