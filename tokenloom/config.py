@@ -127,6 +127,9 @@ class GenerationConfig:
                                       "a number in [-2, 2]", lambda v: _is_num(v) and -2 <= v <= 2)
     no_repeat_ngram_size: int = _param(0, "No n-gram of this size may occur twice; 0 disables it.", "an integer >= 0",
                                        _int_at_least(0))
+    encoder_no_repeat_ngram_size: int = _param(
+        0, "Encoder-decoder models: no n-gram of this size from the encoder input may occur in the output; "
+        "0 disables it.", "an integer >= 0", _int_at_least(0))
     bad_words_ids: list[list[int]] = _param([], "Token sequences that must never be generated.",
                                             "a list of non-empty lists of token ids",
                                             lambda v: isinstance(v, list) and all(_int_list(x) and x for x in v))

@@ -6,8 +6,9 @@ nothing per token (`is_noop`). The order, per step:
 1. penalties and constraints (also when decoding greedily, as transformers does), in transformers'
    `_get_logits_processor` order, with the processors it lacks slotted next to their kin:
    logit_bias (SequenceBias), repetition_penalty, presence/frequency penalties (OpenAI; generated
-   tokens only), DRY (llama.cpp), no_repeat_ngram_size, bad_words_ids, min_new_tokens,
-   forced_bos_token_id, forced_eos_token_id, exponential_decay_length_penalty, suppress_tokens;
+   tokens only), DRY (llama.cpp), no_repeat_ngram_size, encoder_no_repeat_ngram_size (encoder-decoder
+   models), bad_words_ids, min_new_tokens, forced_bos_token_id, forced_eos_token_id,
+   exponential_decay_length_penalty, suppress_tokens;
 2. only when sampling, the filters in `config.sampler_order` (default: temperature, top_k, top_p,
    min_p, typical_p, epsilon_cutoff, eta_cutoff, top_n_sigma, xtc; transformers' warper order,
    extended). With `mirostat=2` this stage is temperature then Mirostat 2 instead (as llama.cpp's
@@ -39,6 +40,8 @@ class SamplingState:
     step: int                     # tokens generated so far (the same for all live rows)
     max_new_tokens: torch.Tensor  # (B,) long: each row's own limit
     generators: list[torch.Generator] | None = None  # one per row when sampling
+    encoder_tokens: torch.Tensor | None = None  # (B, S) long: encoder-decoder models' encoder input ids, RIGHT-
+    # padded with -1; one row per row of `tokens`, or per group of consecutive rows (beams of one input)
 
     def generated(self) -> torch.Tensor:
         """(B, step) the generated ids (the last `step` columns)."""
@@ -89,6 +92,9 @@ class LogitsChain:
                                             c.dry_penalty_last_n, breakers))
         if c.no_repeat_ngram_size:
             steps.append(lambda x, s: P.no_repeat_ngram(x, s.tokens, c.no_repeat_ngram_size))
+        if c.encoder_no_repeat_ngram_size:
+            steps.append(lambda x, s: P.encoder_no_repeat_ngram(x, s.tokens, _encoder_rows(s, x.shape[0], c),
+                                                                c.encoder_no_repeat_ngram_size))
         bad = [tuple(w) for w in c.bad_words_ids if not (len(w) == 1 and w[0] in self.eos_ids)]  # as transformers
         if bad:
             self._ids("bad_words_ids", [t for w in bad for t in w])
@@ -190,6 +196,19 @@ class LogitsChain:
         probs = kept.softmax(dim=-1).gather(1, ids[:, None].to(kept.device))[:, 0]
         self.mu = self.mu - c.mirostat_eta * (-torch.log2(probs) - c.mirostat_tau)
         return ids
+
+
+def _encoder_rows(state: SamplingState, rows: int, config: GenerationConfig) -> torch.Tensor:
+    """(rows, S) encoder ids for the logits' rows: as given, or each repeated for its group of beams."""
+    enc = state.encoder_tokens
+    if enc is None:
+        raise InvalidParameterError("encoder_no_repeat_ngram_size", config.encoder_no_repeat_ngram_size,
+                                    "available only for encoder-decoder models")
+    if enc.shape[0] == rows:
+        return enc
+    if enc.shape[0] and rows % enc.shape[0] == 0:
+        return enc.repeat_interleave(rows // enc.shape[0], dim=0)
+    raise ValueError(f"SamplingState.encoder_tokens has {enc.shape[0]} rows for {rows} rows of logits")
 
 
 # ---------------------------------------------------------------------------------------- DRY breakers

@@ -2,9 +2,9 @@
 
 Where transformers has the processor, ours follows `transformers.generation.logits_process`
 exactly (the test oracle), including ties and the "keep at least `min_keep` tokens" rules:
-temperature, top-k, top-p, min-p, typical-p, epsilon, eta, repetition penalty, no-repeat n-gram,
-sequence bias / bad words, min new tokens, forced BOS/EOS, exponential decay length penalty and
-suppressed tokens. Where it has none we follow llama.cpp's `src/llama-sampling.cpp`: top-n-sigma,
+temperature, top-k, top-p, min-p, typical-p, epsilon, eta, repetition penalty, no-repeat n-gram
+(of the output and of the encoder input), sequence bias / bad words, min new tokens, forced BOS/EOS,
+exponential decay length penalty and suppressed tokens. Where it has none we follow llama.cpp's `src/llama-sampling.cpp`: top-n-sigma,
 XTC, DRY (itself koboldcpp's definition) and Mirostat 2. Presence and frequency penalties follow
 OpenAI's definition (generated tokens only): logit - count * frequency - (count > 0) * presence.
 
@@ -165,6 +165,24 @@ def no_repeat_ngram(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> torch
     matches = (windows[..., :-1] == prefix[:, None]).all(dim=-1) & (windows[..., -1] >= 0)
     banned = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
     banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+    return logits.masked_fill(banned[:, :vocab], NEG_INF)
+
+
+def encoder_no_repeat_ngram(logits: torch.Tensor, tokens: torch.Tensor, encoder_tokens: torch.Tensor,
+                            n: int) -> torch.Tensor:
+    """Ban the tokens that would complete, in `tokens` (B, L), an n-gram of the row's encoder input.
+
+    `encoder_tokens` (B, S) is RIGHT-padded with -1; n-grams that touch padding do not count (transformers
+    takes the padded encoder ids as they are, so pad-token n-grams are banned there too).
+    """
+    length, vocab = tokens.shape[-1], logits.shape[-1]
+    if length < n - 1 or encoder_tokens.shape[-1] < n:
+        return logits
+    prefix = tokens[:, length + 1 - n:]                         # (B, n-1); -1 (padding) never matches
+    windows = encoder_tokens.to(tokens.device).unfold(1, n, 1)  # (B, S-n+1, n)
+    matches = (windows[..., :-1] == prefix[:, None]).all(dim=-1) & (windows >= 0).all(dim=-1)
+    banned = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab).to(logits.device), True)
     return logits.masked_fill(banned[:, :vocab], NEG_INF)
 
 
