@@ -5,6 +5,8 @@ Two sources:
 * a Hugging Face folder: `tokenizer.json` runs as is; `tokenizer_config.json`,
   `special_tokens_map.json`, `config.json` and `generation_config.json` say which ids are
   BOS / EOS / PAD, whether BOS / EOS are added, and give the chat template;
+* a Marian (Opus-MT) folder with `source.spm` + `vocab.json` and no `tokenizer.json`: the source
+  SentencePiece model segments the text, `vocab.json` numbers the pieces (see sentencepiece.py);
 * a GGUF file's metadata: there is no `tokenizer.json`, so we rebuild the tokenizer llama.cpp
   runs from the vocabulary, merges, scores and token types.
 
@@ -27,6 +29,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from tokenloom.errors import TokenizerError
+from tokenloom.tokenizer.sentencepiece import marian_backends
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class Tokenizer:
         byte_fallback_ids: ids of SentencePiece `<0xAB>` byte tokens that the decoder joins
             into characters (the streaming detokenizer must not cut through a run of them).
         special_ids: ids `decode(..., skip_special_tokens=True)` leaves out.
+        segmenter: when set, splits text into pieces instead of `backend`, each piece then numbered by
+            its spelling in `backend`'s vocabulary, unknown pieces as `unk_token_id` (Marian).
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class Tokenizer:
         byte_fallback_ids: frozenset[int] = frozenset(),
         prefix_ids: list[int] | None = None,
         suffix_ids: list[int] | None = None,
+        segmenter: tokenizers.Tokenizer | None = None,
     ):
         self.backend = backend
         self.bos_token_id = bos_token_id
@@ -70,6 +76,8 @@ class Tokenizer:
         self.add_eos = add_eos
         self.chat_template = chat_template
         self.byte_fallback_ids = byte_fallback_ids
+        self.segmenter = segmenter
+        self._piece_ids = backend.get_vocab(with_added_tokens=True) if segmenter is not None else {}
         self.special_ids = frozenset(
             i for i, added in backend.get_added_tokens_decoder().items() if added.special)
         # Ids other than BOS/EOS that tokenizer.json's post-processor wraps text in ([CLS] ...).
@@ -107,14 +115,16 @@ class Tokenizer:
 
         Special tokens written in the text (`<|im_start|>`) always become their single id.
         """
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        return self._wrap(ids) if add_special_tokens else ids
+        return self.encode_batch([text], add_special_tokens)[0]
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
-        if add_special_tokens:
-            return [self._wrap(e.ids) for e in encodings]
-        return [e.ids for e in encodings]
+        if self.segmenter is None:
+            ids = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        else:
+            pieces, unk = self._piece_ids, self.unk_token_id
+            ids = [[pieces.get(t, unk) for t in e.tokens]
+                   for e in self.segmenter.encode_batch(list(texts), add_special_tokens=False)]
+        return [self._wrap(i) for i in ids] if add_special_tokens else ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -137,13 +147,17 @@ class Tokenizer:
         """
         folder = Path(folder)
         path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerError(f"no tokenizer.json in {folder}")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # the Rust side raises bare Exceptions with a serde message
-            raise TokenizerError(f"cannot read {path}: {e}") from e
         tok_config = _read_json(folder / "tokenizer_config.json")
+        segmenter = None
+        if path.is_file():
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:  # the Rust side raises bare Exceptions with a serde message
+                raise TokenizerError(f"cannot read {path}: {e}") from e
+        elif (folder / tok_config.get("source_spm", "source.spm")).is_file():
+            segmenter, backend, _ = marian_backends(folder, tok_config)
+        else:
+            raise TokenizerError(f"no tokenizer.json in {folder}")
         special_map = _read_json(folder / "special_tokens_map.json")
         if config is None:
             config = _read_json(folder / "config.json")
@@ -175,7 +189,8 @@ class Tokenizer:
             add_bos = bos is not None and bos in prefix
         add_eos = tok_config.get("add_eos_token")
         if add_eos is None:
-            add_eos = bool(eos_ids) and eos_ids[0] in suffix
+            # MarianTokenizer always appends </s>
+            add_eos = bool(eos_ids) and (eos_ids[0] in suffix or segmenter is not None)
         # Our own BOS/EOS replace the post-processor's; anything else it adds stays.
         prefix = [i for i in prefix if i != bos]
         suffix = [i for i in suffix if not eos_ids or i != eos_ids[0]]
@@ -192,6 +207,7 @@ class Tokenizer:
             byte_fallback_ids=_byte_fallback_ids(backend),
             prefix_ids=prefix,
             suffix_ids=suffix,
+            segmenter=segmenter,
         )
 
     @classmethod
