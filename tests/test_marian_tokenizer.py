@@ -5,6 +5,7 @@ a fake Marian folder, and our encodings compared with transformers' MarianTokeni
 """
 
 import json
+import unicodedata
 
 import pytest
 
@@ -99,7 +100,9 @@ def test_equals_transformers(marian_folder):
     assert ours.encode("The fox", add_special_tokens=False) == theirs("The fox", add_special_tokens=False)["input_ids"]
     for text in texts:
         ids = theirs(text)["input_ids"]
-        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+        # MarianTokenizer strips the whole text; we keep a prefix-stable decode for streaming, so the
+        # spaces of pieces next to skipped <unk>s at the ends may remain
+        assert ours.decode(ids).strip() == theirs.decode(ids, skip_special_tokens=True), text
 
 
 def test_decode_round_trip(marian_folder):
@@ -108,7 +111,7 @@ def test_decode_round_trip(marian_folder):
     for text in [t.strip() for t in CORPUS.splitlines()[:8]] + ["Café déjà vu", "How are you?"]:
         ids = ours.encode(text)
         if ours.unk_token_id not in ids:  # pieces left out of vocab.json come back as <unk>
-            assert ours.decode(ids) == " ".join(text.split()), text
+            assert ours.decode(ids) == " ".join(unicodedata.normalize("NFKC", text).split()), text
             checked += 1
     assert checked >= 3
     assert ours.vocab_size == len(json.loads((marian_folder / "vocab.json").read_text()))
