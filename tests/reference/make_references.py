@@ -9,6 +9,13 @@ the newer tokenizers), runs `generate` there and writes tests/data/beam_contrast
     pip download transformers==4.51.3 --no-deps -d /tmp/tf451
     python -m zipfile -e /tmp/tf451/transformers-4.51.3-py3-none-any.whl /tmp/tf451/src
     python tests/reference/make_references.py /tmp/tf451/src
+
+`--smollm2` does the same on the real SmolLM2-135M-Instruct GGUF (needs the `gguf` package):
+prompts tokenized by tokenloom's tokenizer, diverse beam search and contrastive search run by
+4.51, and the first-step logits checked against the installed transformers (v5) on that file.
+It writes tests/data/smollm2_reference.json.
+
+    python tests/reference/make_references.py /tmp/tf451/src --smollm2
 """
 
 from __future__ import annotations
@@ -40,6 +47,13 @@ CONTRASTIVE_CASES = [
     dict(penalty_alpha=0.3, top_k=6, max_new_tokens=12, eos="liked"),
     dict(penalty_alpha=0.6, top_k=4, max_new_tokens=12, eos="liked", min_new_tokens=6),
 ]
+
+
+SMOLLM2_OUT = ROOT / "tests" / "data" / "smollm2_reference.json"
+SMOLLM2_PROMPTS = ["The capital of France is", "Once upon a time, in a small village,",
+                   "def fibonacci(n):\n    "]
+SMOLLM2_GROUP = dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, num_return_sequences=2, max_new_tokens=16)
+SMOLLM2_CONTRASTIVE = dict(penalty_alpha=0.6, top_k=4, max_new_tokens=24)
 
 
 def liked_token(model, prompt: list[int]) -> int:
@@ -94,6 +108,76 @@ def child(folder: str) -> None:
     print(json.dumps(result))
 
 
+def load_gguf(path: str):
+    import torch
+    import transformers
+
+    p = Path(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                             torch_dtype=torch.float32).eval()
+
+
+def first_logits(model, prompts: list[list[int]]) -> list[list[float]]:
+    """The logits of the first generated position, first 16 entries, for each prompt."""
+    import torch
+
+    with torch.no_grad():
+        return [model(torch.tensor([p])).logits[0, -1, :16].tolist() for p in prompts]
+
+
+def child_smollm2(path: str, prompts_json: str) -> None:
+    """Runs under transformers 4.51 on the SmolLM2 GGUF: print JSON."""
+    import torch
+    import transformers
+
+    prompts = json.loads(prompts_json)
+    model = load_gguf(path)
+    eos = model.generation_config.eos_token_id
+    result = {"transformers": transformers.__version__, "eos_token_id": eos,
+              "fingerprint": first_logits(model, prompts), "group": [], "contrastive": []}
+    for kind, params in (("group", SMOLLM2_GROUP), ("contrastive", SMOLLM2_CONTRASTIVE)):
+        for prompt in prompts:
+            with torch.no_grad():
+                out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                     do_sample=False, eos_token_id=eos, pad_token_id=eos, output_scores=True,
+                                     return_dict_in_generate=True, **params)
+            gen = out.sequences[:, len(prompt):].tolist()
+            seqs = [g[:g.index(eos) + 1] if eos in g else g for g in gen]
+            scores = out.sequences_scores.tolist() if kind == "group" else None
+            result[kind].append({"params": params, "prompt": prompt, "sequences": seqs, "scores": scores})
+    print(json.dumps(result))
+
+
+def main_smollm2(tf451_path: str) -> None:
+    import hashlib
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(ROOT))
+    import tokenloom
+    from tokenloom.loading import registry
+
+    path = str(registry.pull("smollm2-135m-instruct"))
+    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    tok = tokenloom.load(path).tokenizer
+    prompts = [tok.encode(p) for p in SMOLLM2_PROMPTS]
+    v5 = first_logits(load_gguf(path), prompts)
+    env = {**os.environ, "PYTHONPATH": tf451_path}
+    proc = subprocess.run([sys.executable, __file__, "--child-smollm2", path, json.dumps(prompts)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(proc.stderr)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    diff = (torch.tensor(result["fingerprint"]) - torch.tensor(v5)).abs().max().item()
+    print(f"first-step logits, transformers {result['transformers']} vs {transformers.__version__}: max |diff| {diff:.3g}")
+    assert diff < 1e-4, diff
+    result.update(gguf=Path(path).name, gguf_sha256=sha, prompts=SMOLLM2_PROMPTS, prompt_ids=prompts,
+                  fingerprint_v5=v5, transformers_v5=transformers.__version__)
+    SMOLLM2_OUT.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {SMOLLM2_OUT}")
+
+
 def main(tf451_path: str) -> None:
     import torch
     from safetensors.torch import save_file
@@ -130,5 +214,14 @@ if __name__ == "__main__":
         stub.dep_version_check = lambda *a, **k: None
         sys.modules["transformers.dependency_versions_check"] = stub
         child(sys.argv[2])
+    elif sys.argv[1] == "--child-smollm2":
+        import types
+
+        stub = types.ModuleType("transformers.dependency_versions_check")
+        stub.dep_version_check = lambda *a, **k: None
+        sys.modules["transformers.dependency_versions_check"] = stub
+        child_smollm2(sys.argv[2], sys.argv[3])
+    elif sys.argv[2:] == ["--smollm2"]:
+        main_smollm2(sys.argv[1])
     else:
         main(sys.argv[1])
