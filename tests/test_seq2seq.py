@@ -156,3 +156,15 @@ def test_cli_translate_and_summarize(tmp_path, pair):
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
     r = cli("summarize", "-m", str(tmp_path), stdin="\n\n")
     assert r.returncode == 1 and r.stderr.startswith("tokenloom: error:") and "empty" in r.stderr
+
+
+def test_encoder_no_repeat_ngram_in_generation(pair):
+    hf, ours = pair
+    src = [5, 17, 33, 90, 2]
+    params = dict(max_new_tokens=8, min_new_tokens=8, encoder_no_repeat_ngram_size=1)
+    ref = hf_generate(hf, [src], num_beams=1, **params)
+    loop = TokenLoop(ours, [src], GenerationConfig.from_dict(params), [2])
+    while not loop.done:
+        loop.step()
+    assert loop.seqs[0].token_ids == ref.sequences[0, 1:].tolist()
+    assert not set(loop.seqs[0].token_ids) & {5, 17, 33, 90}

@@ -11,7 +11,7 @@ import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable
 
-from tokenloom.errors import InvalidParameterError
+from tokenloom.errors import InvalidParameterError, UnknownParameterError
 
 
 def _param(default, doc: str, allowed: str, check: Callable[[Any], bool] | None = None, **kw):
@@ -182,8 +182,7 @@ class GenerationConfig:
         for key, value in params.items():
             name = cls.ALIASES.get(key, key)
             if name not in names:
-                raise InvalidParameterError(key, value, "a known generation parameter; unknown parameter "
-                                            f"(known: {', '.join(sorted(names))})")
+                raise UnknownParameterError(key, value, ", ".join(sorted(names)))
             if name in given_as:
                 raise InvalidParameterError(key, value, f"only one of '{given_as[name]}' and '{key}'")
             given_as[name] = key

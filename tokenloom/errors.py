@@ -41,5 +41,13 @@ class InvalidParameterError(TokenloomError, ValueError):
         super().__init__(f"invalid value for '{field}': {value!r} (allowed: {allowed})")
 
 
+class UnknownParameterError(InvalidParameterError):
+    """A generation parameter that does not exist: refused, never ignored."""
+
+    def __init__(self, field: str, value, known: str):
+        self.field, self.value, self.allowed = field, value, known
+        ValueError.__init__(self, f"unknown parameter '{field}' (known: {known})")
+
+
 class PromptError(TokenloomError, ValueError):
     """The prompt is empty or does not fit into the model's context window."""

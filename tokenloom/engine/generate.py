@@ -67,6 +67,7 @@ class TokenLoop:
         self.rows = list(range(len(self.seqs)))  # batch row -> sequence index
         self.deadline = None if config.max_time is None else time.monotonic() + config.max_time
         self.generated = 0
+        self.encoder_tokens = None
         self._prefill(prompts, dtype)
         for s in self.seqs:
             if s.max_new <= 0:
@@ -87,6 +88,8 @@ class TokenLoop:
             self.cache.select(rows)
             logits = logits.index_select(0, rows)
             self.history = self.history.repeat_interleave(n, dim=0)
+            if self.encoder_tokens is not None:
+                self.encoder_tokens = self.encoder_tokens.repeat_interleave(n, dim=0)
         self.logits = logits[:, -1].float()
         self.next_pos = pos[:, -1].repeat_interleave(n) + 1
         self.prompt_lens = torch.tensor([s.prompt_len for s in self.seqs], dtype=torch.long)
@@ -126,6 +129,7 @@ class TokenLoop:
         self.history_len = 1
         for s in self.seqs:
             s.prompt_len = 1
+        self.encoder_tokens = ids.masked_fill(~mask, -1)  # for encoder_no_repeat_ngram_size
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = torch.zeros(len(sources), 1, dtype=torch.long, device=self.device)
         with torch.inference_mode():
@@ -138,7 +142,8 @@ class TokenLoop:
     def _state(self) -> SamplingState:
         return SamplingState(tokens=self.history[:, :self.history_len], prompt_lens=self.prompt_lens,
                              step=self.generated, max_new_tokens=self.max_news,
-                             generators=None if self.generators is None else [self.generators[i] for i in self.rows])
+                             generators=None if self.generators is None else [self.generators[i] for i in self.rows],
+                             encoder_tokens=self.encoder_tokens)
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self.chain.is_noop and self.config.logprobs is None:
@@ -223,6 +228,8 @@ class TokenLoop:
         self.next_pos = self.next_pos.index_select(0, keep_t.to(self.device))
         self.logits = self.logits.index_select(0, keep_t.to(self.device))
         self.history = self.history.index_select(0, keep_t)
+        if self.encoder_tokens is not None:
+            self.encoder_tokens = self.encoder_tokens.index_select(0, keep_t)
         self.prompt_lens = self.prompt_lens.index_select(0, keep_t)
         self.max_news = self.max_news.index_select(0, keep_t)
         self.chain.select_rows(keep_t)

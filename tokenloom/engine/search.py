@@ -48,6 +48,10 @@ def _hook(config: GenerationConfig, eos_ids: list[int], vocab_size: int, tokeniz
 
 def run_search(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig,
                dtype=torch.float32, device="cpu") -> list[Finished]:
+    if config.encoder_no_repeat_ngram_size:
+        from tokenloom.errors import InvalidParameterError
+        raise InvalidParameterError("encoder_no_repeat_ngram_size", config.encoder_no_repeat_ngram_size,
+                                    "0 with beam or contrastive search (supported with greedy and sampling so far)")
     eos = [] if config.ignore_eos else list(config.eos_token_id or tokenizer.eos_token_ids)
     process = _hook(config, sorted(set(eos) | set(config.stop_token_ids)), _vocab_size(model), tokenizer)
     if config.num_beams > 1:
