@@ -168,3 +168,54 @@ def test_encoder_no_repeat_ngram_in_generation(pair):
         loop.step()
     assert loop.seqs[0].token_ids == ref.sequences[0, 1:].tolist()
     assert not set(loop.seqs[0].token_ids) & {5, 17, 33, 90}
+
+
+def test_api_mbart_translate_forces_the_target_language(tmp_path):
+    import json
+
+    import transformers
+
+    import tokenloom
+    from tokenizers import AddedToken
+
+    torch.manual_seed(2)
+    tok = train_tokenizer(VOCAB - 2)
+    tok.add_special_tokens([AddedToken("en_XX", special=True), AddedToken("de_DE", special=True)])
+    en, de = tok.token_to_id("en_XX"), tok.token_to_id("de_DE")
+    cfg = transformers.MBartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                   decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                                   eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+    hf = transformers.MBartForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    model = tokenloom.load(tmp_path)
+    out = model.generate_ids  # the ids translate() builds: text, </s>, source language code
+    src = model.tokenizer.encode("The fox.", add_special_tokens=False) + [2, en]
+    ref = hf_generate(hf, [src], max_new_tokens=6, num_beams=1, forced_bos_token_id=de, forced_eos_token_id=2,
+                      eos_token_id=2)
+    text = model.translate("The fox.", source="en_XX", target="de_DE", max_new_tokens=6)
+    g = out([src], model.generation_config(max_new_tokens=6, forced_bos_token_id=de))[0]
+    assert g.token_ids[0] == de and g.token_ids == ref.sequences[0, 1:].tolist()[:len(g.token_ids)]
+    assert text == g.text.strip()
+    with pytest.raises(Exception, match="target"):
+        model.translate("The fox.", source="en_XX", target="xx_YY")
+
+
+def test_cli_translate_with_a_decoder_only_model(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.tiny import save_tiny
+
+    save_tiny("llama", tmp_path)
+    r = subprocess.run([sys.executable, "-m", "tokenloom", "translate", "-m", str(tmp_path), "--target", "fr",
+                        "--max-new-tokens", "3", "--ignore-eos"], input="The fox.\nA bird.\n", capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import tokenloom
+
+    model = tokenloom.load(tmp_path)
+    expected = model.translate(["The fox.", "A bird."], target="fr", max_new_tokens=3, ignore_eos=True)
+    assert r.stdout.splitlines() == expected
