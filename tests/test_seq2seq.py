@@ -219,3 +219,21 @@ def test_cli_translate_with_a_decoder_only_model(tmp_path):
     model = tokenloom.load(tmp_path)
     expected = model.translate(["The fox.", "A bird."], target="fr", max_new_tokens=3, ignore_eos=True)
     assert r.stdout.splitlines() == expected
+
+
+def test_encoder_no_repeat_ngram_with_beam_search(tmp_path, pair):
+    import json
+
+    import tokenloom
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    train_tokenizer(VOCAB).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    model = tokenloom.load(tmp_path)
+    src = model.tokenizer.encode("The quick brown fox jumps.")
+    params = dict(max_new_tokens=6, num_beams=3, encoder_no_repeat_ngram_size=2)
+    ref = hf_generate(hf, [src], eos_token_id=2, **params)
+    g = model.generate("The quick brown fox jumps.", **params)
+    assert g.token_ids == [t for t in ref.sequences[0, 1:].tolist()][:len(g.token_ids)]
+    assert g.score == pytest.approx(ref.sequences_scores[0].item(), rel=1e-5, abs=1e-5)

@@ -55,6 +55,7 @@ class _Search:
         # a source does not share the decoder's positions; a decoder-only prompt does
         self.max_new = [min(config.max_new_tokens, limit - (1 if self.seq2seq else len(p))) for p in prompts]
         self.dtype = dtype
+        self.encoder_tokens: torch.Tensor | None = None  # encoder-decoder: each row's source ids
 
     def prefill(self, rows: list[int]) -> torch.Tensor:
         """Prefill the prompts `rows`, repeat each num_beams times -> last logits (len(rows) * B, V)."""
@@ -102,6 +103,7 @@ class _Search:
         expand = torch.arange(len(sources), device=self.device).repeat_interleave(self.num_beams)
         self.cache.select(expand)
         self.prompt_tokens = torch.full((len(expand), 1), start, dtype=torch.long, device=self.device)
+        self.encoder_tokens = ids.masked_fill(~mask, -1).index_select(0, expand)  # (R, S), -1 = padding
         self.next_pos = torch.ones(len(expand), dtype=torch.long, device=self.device)
         return logits[:, -1].float().index_select(0, expand)
 
@@ -116,12 +118,17 @@ class _Search:
         self.cache.select(rows)
         self.next_pos = self.next_pos.index_select(0, rows)
         self.prompt_tokens = self.prompt_tokens.index_select(0, rows)
+        if self.encoder_tokens is not None:
+            self.encoder_tokens = self.encoder_tokens.index_select(0, rows)
 
     def hook(self, scores: torch.Tensor, generated: torch.Tensor, step: int, rows: torch.Tensor | None = None):
         """The caller's logits chain, then EOS suppression before `min_new_tokens` (transformers' order)."""
         if self.process is not None:
             prompt = self.prompt_tokens if rows is None else self.prompt_tokens.index_select(0, rows)
-            scores = self.process(scores, torch.cat([prompt, generated], dim=1), step)
+            extra = {}
+            if self.encoder_tokens is not None:
+                extra["encoder_tokens"] = self.encoder_tokens if rows is None else self.encoder_tokens.index_select(0, rows)
+            scores = self.process(scores, torch.cat([prompt, generated], dim=1), step, **extra)
         if step < self.config.min_new_tokens and len(self.stop_ids):
             scores = scores.clone()
             scores[:, self.stop_ids] = float("-inf")

@@ -37,10 +37,12 @@ def _hook(config: GenerationConfig, eos_ids: list[int], vocab_size: int, tokeniz
     if chain.is_noop:
         return None
 
-    def process(logits: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
+    def process(logits: torch.Tensor, tokens: torch.Tensor, step: int,
+                encoder_tokens: torch.Tensor | None = None) -> torch.Tensor:
         rows = tokens.shape[0]
         prompt_lens = (tokens >= 0).sum(dim=1) - step
-        state = SamplingState(tokens, prompt_lens, step, torch.full((rows,), config.max_new_tokens), None)
+        state = SamplingState(tokens, prompt_lens, step, torch.full((rows,), config.max_new_tokens), None,
+                              encoder_tokens=encoder_tokens)
         return chain.process(logits, state)
 
     return process
@@ -48,10 +50,10 @@ def _hook(config: GenerationConfig, eos_ids: list[int], vocab_size: int, tokeniz
 
 def run_search(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig,
                dtype=torch.float32, device="cpu") -> list[Finished]:
-    if config.encoder_no_repeat_ngram_size:
+    if config.encoder_no_repeat_ngram_size and config.penalty_alpha:
         from tokenloom.errors import InvalidParameterError
         raise InvalidParameterError("encoder_no_repeat_ngram_size", config.encoder_no_repeat_ngram_size,
-                                    "0 with beam or contrastive search (supported with greedy and sampling so far)")
+                                    "0 with contrastive search")
     eos = [] if config.ignore_eos else list(config.eos_token_id or tokenizer.eos_token_ids)
     process = _hook(config, sorted(set(eos) | set(config.stop_token_ids)), _vocab_size(model), tokenizer)
     if config.num_beams > 1:
