@@ -237,3 +237,21 @@ def test_encoder_no_repeat_ngram_with_beam_search(tmp_path, pair):
     g = model.generate("The quick brown fox jumps.", **params)
     assert g.token_ids == [t for t in ref.sequences[0, 1:].tolist()][:len(g.token_ids)]
     assert g.score == pytest.approx(ref.sequences_scores[0].item(), rel=1e-5, abs=1e-5)
+
+
+def test_contrastive_search_for_encoder_decoder(pair):
+    from tokenloom.engine.contrastive import contrastive_search
+
+    _, ours = pair
+    params = dict(max_new_tokens=8, min_new_tokens=8, top_k=4)
+    greedy_loop = TokenLoop(ours, SOURCES, GenerationConfig.from_dict({"max_new_tokens": 8, "min_new_tokens": 8}), [2])
+    while not greedy_loop.done:
+        greedy_loop.step()
+    zero, _ = contrastive_search(ours, SOURCES, GenerationConfig.from_dict({**params, "penalty_alpha": 0.0}), [2])
+    assert zero == [s.token_ids for s in greedy_loop.seqs]  # alpha 0 is greedy
+    cfg = GenerationConfig.from_dict({**params, "penalty_alpha": 0.9})
+    batched, reasons = contrastive_search(ours, SOURCES, cfg, [2])
+    assert batched != zero and reasons == ["length"] * 3
+    for src, got in zip(SOURCES, batched):
+        alone, _ = contrastive_search(ours, [src], cfg, [2])
+        assert alone[0] == got
