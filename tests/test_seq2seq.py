@@ -255,3 +255,20 @@ def test_contrastive_search_for_encoder_decoder(pair):
     for src, got in zip(SOURCES, batched):
         alone, _ = contrastive_search(ours, [src], cfg, [2])
         assert alone[0] == got
+
+
+def test_diverse_beam_and_beam_sampling_run_for_encoder_decoder(pair):
+    _, ours = pair
+    base = {"max_new_tokens": 6, "num_beams": 4, "num_return_sequences": 2}
+    plain = beam_search(ours, SOURCES, GenerationConfig.from_dict(base), [2])
+    diverse = beam_search(ours, SOURCES, GenerationConfig.from_dict(
+        {**base, "num_beam_groups": 2, "diversity_penalty": 5.0}), [2])
+    assert [len(h) for h in diverse] == [2, 2, 2]
+    assert any(d[1].token_ids[0] != d[0].token_ids[0] for d in diverse)  # groups start differently
+    assert diverse != plain
+    sampled = {"do_sample": True, "temperature": 1.5, "seed": 3}
+    a = beam_search(ours, SOURCES, GenerationConfig.from_dict({**base, **sampled}), [2])
+    b = beam_search(ours, SOURCES, GenerationConfig.from_dict({**base, **sampled}), [2])
+    c = beam_search(ours, SOURCES, GenerationConfig.from_dict({**base, **sampled, "seed": 4}), [2])
+    assert [[h.token_ids for h in x] for x in a] == [[h.token_ids for h in x] for x in b]
+    assert [[h.token_ids for h in x] for x in a] != [[h.token_ids for h in x] for x in c]
