@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from tokenloom.config import GenerationConfig
-from tokenloom.engine.generate import PREFILL_CHUNK
+from tokenloom.engine.prefill import new_token_limit, start
 from tokenloom.sampling.sampler import make_generators, row_seed
 
 NEG = -1.0e9  # transformers' "impossible" score
@@ -50,62 +50,22 @@ class _Search:
         stop = set(config.stop_token_ids) | (set() if config.ignore_eos else set(config.eos_token_id or eos_ids))
         self.stop_set = stop
         self.stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
-        limit = model.max_positions
-        self.seq2seq = bool(getattr(model, "is_encoder_decoder", False))
-        # a source does not share the decoder's positions; a decoder-only prompt does
-        self.max_new = [min(config.max_new_tokens, limit - (1 if self.seq2seq else len(p))) for p in prompts]
+        self.max_new = [new_token_limit(model, p, config.max_new_tokens) for p in prompts]
         self.dtype = dtype
         self.encoder_tokens: torch.Tensor | None = None  # encoder-decoder: each row's source ids
 
     def prefill(self, rows: list[int]) -> torch.Tensor:
         """Prefill the prompts `rows`, repeat each num_beams times -> last logits (len(rows) * B, V)."""
-        if self.seq2seq:
-            return self._start_decoder(rows)
-        prompts = [self.prompts[i] for i in rows]
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        pos = torch.full((len(prompts), width), -1, dtype=torch.long)
-        pad = torch.full((len(prompts), width), -1, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            pos[i, width - len(p):] = torch.arange(len(p))
-        pad[pos >= 0] = ids[pos >= 0]
-        ids, pos = ids.to(self.device), pos.to(self.device)
-        longest = max(self.max_new[i] for i in rows)
-        self.cache = self.model.make_cache(len(prompts), width + max(longest, 1), self.dtype, self.device)
-        with torch.inference_mode():
-            for start in range(0, width, PREFILL_CHUNK):
-                logits = self.model(ids[:, start:start + PREFILL_CHUNK], pos[:, start:start + PREFILL_CHUNK],
-                                    self.cache, last_only=True)
-        expand = torch.arange(len(prompts), device=self.device).repeat_interleave(self.num_beams)
+        st = start(self.model, [self.prompts[i] for i in rows], max(self.max_new[i] for i in rows),
+                   self.dtype, self.device)
+        expand = torch.arange(len(rows), device=self.device).repeat_interleave(self.num_beams)
+        self.cache = st.cache
         self.cache.select(expand)
-        self.prompt_tokens = pad.to(self.device).index_select(0, expand)  # (R, width), -1 = padding
-        self.next_pos = pos[:, -1].index_select(0, expand) + 1  # (R,)
-        return logits[:, -1].float().index_select(0, expand)
-
-    def _start_decoder(self, rows: list[int]) -> torch.Tensor:
-        """Encoder-decoder: encode each source once, then the decoder start token for every beam."""
-        sources = [self.prompts[i] for i in rows]
-        width = max(len(p) for p in sources)
-        ids = torch.zeros(len(sources), width, dtype=torch.long)
-        mask = torch.zeros(len(sources), width, dtype=torch.bool)
-        for i, p in enumerate(sources):
-            ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p, dtype=torch.long), True
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        start = self.model.decoder_start_token_id
-        longest = max(self.max_new[i] for i in rows)
-        pos = torch.zeros(len(sources), 1, dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            memory = self.model.encode(ids, mask)
-            self.cache = self.model.make_cache(len(sources), 1 + max(longest, 1), self.dtype, self.device,
-                                               memory=memory, memory_mask=mask)
-            logits = self.model(torch.full_like(pos, start), pos, self.cache, last_only=True)
-        expand = torch.arange(len(sources), device=self.device).repeat_interleave(self.num_beams)
-        self.cache.select(expand)
-        self.prompt_tokens = torch.full((len(expand), 1), start, dtype=torch.long, device=self.device)
-        self.encoder_tokens = ids.masked_fill(~mask, -1).index_select(0, expand)  # (R, S), -1 = padding
-        self.next_pos = torch.ones(len(expand), dtype=torch.long, device=self.device)
-        return logits[:, -1].float().index_select(0, expand)
+        self.prompt_tokens = st.tokens.index_select(0, expand)  # (R, width), -1 = padding
+        if st.encoder_tokens is not None:
+            self.encoder_tokens = st.encoder_tokens.index_select(0, expand)  # (R, S), -1 = padding
+        self.next_pos = st.next_positions.index_select(0, expand)  # (R,)
+        return st.logits.index_select(0, expand)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run one token per row (R,) -> logits (R, V)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from tokenloom.config import GenerationConfig
-from tokenloom.engine.generate import PREFILL_CHUNK
+from tokenloom.engine.prefill import new_token_limit, start
 
 
 def contrastive_search(model, prompts: list[list[int]], config: GenerationConfig, eos_ids: list[int],
@@ -26,27 +26,22 @@ def contrastive_search(model, prompts: list[list[int]], config: GenerationConfig
     `process(logits (R, V), tokens (R, L) left-padded with -1, step) -> logits` is the logits
     chain, applied to the raw logits before the softmax that ranks the candidates.
     """
-    seq2seq = bool(getattr(model, "is_encoder_decoder", False))
     alpha, k = config.penalty_alpha or 0.0, config.top_k
     if not k or k < 1:
         raise ValueError("contrastive search needs top_k >= 1")
     stop = set(config.stop_token_ids) | (set() if config.ignore_eos else set(config.eos_token_id or eos_ids))
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
-    max_new = [min(config.max_new_tokens, model.max_positions - (1 if seq2seq else len(p))) for p in prompts]
+    max_new = [new_token_limit(model, p, config.max_new_tokens) for p in prompts]
     tokens: list[list[int]] = [[] for _ in prompts]
     reasons = ["length"] * len(prompts)
     live = [i for i, m in enumerate(max_new) if m > 0]
     if not live:
         return tokens, reasons
 
-    if seq2seq:
-        logits, context, mask, prompt_tokens, pos, cache = _start_decoder(model, [prompts[i] for i in live],
-                                                                          max(max_new[i] for i in live), dtype, device)
-    else:
-        logits, context, mask, prompt_tokens, pos, cache = _prefill(model, [prompts[i] for i in live],
-                                                                    max(max_new[i] for i in live), dtype, device)
-    logits = logits[:, -1].float()  # (R, V)
-    next_pos = pos[:, -1] + 1
+    st = start(model, [prompts[i] for i in live], max(max_new[i] for i in live), dtype, device, return_hidden=True)
+    cache, logits, next_pos, prompt_tokens = st.cache, st.logits, st.next_positions, st.tokens
+    mask = st.positions >= 0  # (R, S): padding never counts as context
+    context = torch.where(mask[..., None], st.hidden, torch.ones_like(st.hidden))  # finite, masked below anyway
     step = 0
     while True:
         R = len(live)
@@ -103,42 +98,3 @@ def _rank(context: torch.Tensor, next_hidden: torch.Tensor, probs: torch.Tensor,
     score = (1.0 - alpha) * probs.view(-1) - alpha * penalty
     return score.view(-1, k).max(dim=-1)[1]
 
-
-def _prefill(model, prompts, longest_new, dtype, device):
-    """Decoder-only: last logits and the hidden states of every prompt position."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    pos = torch.full((len(prompts), width), -1, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        pos[r, width - len(p):] = torch.arange(len(p))
-    ids, pos = ids.to(device), pos.to(device)
-    cache = model.make_cache(len(prompts), width + longest_new, dtype, device)
-    hidden = []
-    with torch.inference_mode():
-        for start in range(0, width, PREFILL_CHUNK):
-            logits, h = model(ids[:, start:start + PREFILL_CHUNK], pos[:, start:start + PREFILL_CHUNK], cache,
-                              last_only=True, return_hidden=True)
-            hidden.append(h)
-    context = torch.cat(hidden, dim=1)  # (R, S, D)
-    mask = pos >= 0  # (R, S): padding never counts as context
-    context = torch.where(mask[..., None], context, torch.ones_like(context))  # finite, masked below anyway
-    return logits, context, mask, torch.where(mask, ids, -1), pos, cache
-
-
-def _start_decoder(model, sources, longest_new, dtype, device):
-    """Encoder-decoder: encode once; the context starts with the decoder start token's hidden state."""
-    width = max(len(p) for p in sources)
-    ids = torch.zeros(len(sources), width, dtype=torch.long)
-    src_mask = torch.zeros(len(sources), width, dtype=torch.bool)
-    for r, p in enumerate(sources):
-        ids[r, :len(p)], src_mask[r, :len(p)] = torch.tensor(p, dtype=torch.long), True
-    ids, src_mask = ids.to(device), src_mask.to(device)
-    start = model.decoder_start_token_id
-    pos = torch.zeros(len(sources), 1, dtype=torch.long, device=device)
-    with torch.inference_mode():
-        memory = model.encode(ids, src_mask)
-        cache = model.make_cache(len(sources), 1 + longest_new, dtype, device, memory=memory, memory_mask=src_mask)
-        logits, context = model(torch.full_like(pos, start), pos, cache, last_only=True, return_hidden=True)
-    mask = torch.ones(len(sources), 1, dtype=torch.bool, device=device)
-    return logits, context, mask, torch.full_like(pos, start), pos, cache

@@ -1,7 +1,7 @@
 """The token loop: prefill a batch of prompts, then decode one token per step.
 
-Works on token ids only. Prompts of different lengths are left-padded into one batch (padding
-slots get position -1, which the models mask out). Every returned sequence is one batch row;
+Works on token ids only; the prefill (prefill.py) left-pads prompts of different lengths into one
+batch, or encodes the sources of an encoder-decoder model. Every returned sequence is one batch row;
 `num_return_sequences` copies of a prompt share its prefill. Finished rows leave the batch.
 The logits chain (penalties, filters, the draw) is built once per call from the config.
 """
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenloom.config import GenerationConfig
+from tokenloom.engine.prefill import new_token_limit, start
 from tokenloom.engine.scoring import top_pairs
 from tokenloom.errors import InvalidParameterError
 from tokenloom.outputs import TokenLogprob
 from tokenloom.sampling.chain import LogitsChain, SamplingState
 from tokenloom.sampling.sampler import make_generators, row_seed
 
-PREFILL_CHUNK = 512  # long prompts are prefilled in pieces: bounded attention-matrix memory
 MAX_LOOP_PERIOD = 64  # longest repeating block (in tokens) the loop detector looks for
 
 
@@ -50,10 +50,7 @@ class TokenLoop:
             raise InvalidParameterError("num_beams", config.num_beams, "1 in the token loop (beam search has its own)")
         self.model, self.config, self.device = model, config, device
         n = config.num_return_sequences
-        limit = model.max_positions
-        # a decoder-only prompt shares the context window with the output; a source does not
-        used = (lambda p: 1) if getattr(model, "is_encoder_decoder", False) else len
-        self.seqs = [Sequence(i * n + j, i, len(p), min(config.max_new_tokens, limit - used(p)))
+        self.seqs = [Sequence(i * n + j, i, len(p), new_token_limit(model, p, config.max_new_tokens))
                      for i, p in enumerate(prompts) for j in range(n)]
         model_eos = [] if config.ignore_eos else list(config.eos_token_id or eos_ids)
         self.stop_set = set(config.stop_token_ids) | set(model_eos)
@@ -67,7 +64,6 @@ class TokenLoop:
         self.rows = list(range(len(self.seqs)))  # batch row -> sequence index
         self.deadline = None if config.max_time is None else time.monotonic() + config.max_time
         self.generated = 0
-        self.encoder_tokens = None
         self._prefill(prompts, dtype)
         for s in self.seqs:
             if s.max_new <= 0:
@@ -79,10 +75,17 @@ class TokenLoop:
     def _prefill(self, prompts: list[list[int]], dtype) -> None:
         n = self.config.num_return_sequences
         longest_new = max((s.max_new for s in self.seqs), default=0)
-        if getattr(self.model, "is_encoder_decoder", False):
-            logits, pos = self._start_decoder(prompts, dtype, longest_new)
-        else:
-            logits, pos = self._prefill_prompts(prompts, dtype, longest_new)
+        st = start(self.model, prompts, longest_new, dtype, self.device)
+        self.cache, logits = st.cache, st.logits
+        # token history for the logits chain: the decoder's tokens so far + generated, -1 where padded
+        width = st.tokens.shape[1]
+        self.history = torch.full((len(prompts), width + max(longest_new, 1)), -1, dtype=torch.long)
+        self.history[:, :width] = st.tokens.cpu()
+        self.history_len = width
+        self.encoder_tokens = None if st.encoder_tokens is None else st.encoder_tokens.cpu()
+        if st.encoder_tokens is not None:
+            for s in self.seqs:
+                s.prompt_len = 1  # the chain sees the decoder's tokens only
         if n > 1:  # copies of each prompt share one prefill
             rows = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
             self.cache.select(rows)
@@ -90,54 +93,10 @@ class TokenLoop:
             self.history = self.history.repeat_interleave(n, dim=0)
             if self.encoder_tokens is not None:
                 self.encoder_tokens = self.encoder_tokens.repeat_interleave(n, dim=0)
-        self.logits = logits[:, -1].float()
-        self.next_pos = pos[:, -1].repeat_interleave(n) + 1
+        self.logits = logits
+        self.next_pos = st.next_positions.repeat_interleave(n)
         self.prompt_lens = torch.tensor([s.prompt_len for s in self.seqs], dtype=torch.long)
         self.max_news = torch.tensor([s.max_new for s in self.seqs], dtype=torch.long)
-
-    def _prefill_prompts(self, prompts: list[list[int]], dtype, longest_new: int):
-        """Decoder-only: the prompts, left-padded, through the model in chunks."""
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        pos = torch.full((len(prompts), width), -1, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            pos[i, width - len(p):] = torch.arange(len(p))
-        # token history for the logits chain: prompt + generated, -1 where padded
-        self.history = torch.full((len(prompts), width + max(longest_new, 1)), -1, dtype=torch.long)
-        self.history[:, :width] = ids.masked_fill(pos < 0, -1)
-        self.history_len = width
-        ids, pos = ids.to(self.device), pos.to(self.device)
-        self.cache = self.model.make_cache(len(prompts), width + max(longest_new, 1), dtype, self.device)
-        with torch.inference_mode():
-            for start in range(0, width, PREFILL_CHUNK):
-                logits = self.model(ids[:, start:start + PREFILL_CHUNK], pos[:, start:start + PREFILL_CHUNK],
-                                    self.cache, last_only=True)
-        return logits, pos
-
-    def _start_decoder(self, sources: list[list[int]], dtype, longest_new: int):
-        """Encoder-decoder: encode the sources once (their keys/values go into the cross-attention
-        cache), then run the decoder start token. The chain sees the decoder's tokens only."""
-        width = max(len(p) for p in sources)
-        ids = torch.zeros(len(sources), width, dtype=torch.long)
-        mask = torch.zeros(len(sources), width, dtype=torch.bool)
-        for i, p in enumerate(sources):
-            ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p, dtype=torch.long), True
-        start = self.model.decoder_start_token_id
-        self.history = torch.full((len(sources), 1 + max(longest_new, 1)), -1, dtype=torch.long)
-        self.history[:, 0] = start
-        self.history_len = 1
-        for s in self.seqs:
-            s.prompt_len = 1
-        self.encoder_tokens = ids.masked_fill(~mask, -1)  # for encoder_no_repeat_ngram_size
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = torch.zeros(len(sources), 1, dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            memory = self.model.encode(ids, mask)
-            self.cache = self.model.make_cache(len(sources), 1 + max(longest_new, 1), dtype, self.device,
-                                               memory=memory, memory_mask=mask)
-            logits = self.model(torch.full_like(pos, start), pos, self.cache, last_only=True)
-        return logits, pos
 
     def _state(self) -> SamplingState:
         return SamplingState(tokens=self.history[:, :self.history_len], prompt_lens=self.prompt_lens,
