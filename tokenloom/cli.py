@@ -1,4 +1,4 @@
-"""The `tokenloom` command: generate, translate, summarize, pull, models. Each subcommand calls into the library.
+"""The `tokenloom` command: generate, chat, translate, summarize, serve, pull, models. Each subcommand calls into the library.
 
 Generation flags are made from GenerationConfig's fields, so every generation parameter is a
 flag with its description and range in --help. Errors print one line and exit non-zero.
@@ -138,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow pickle checkpoints (pytorch_model.bin); loaded with weights_only=True")
     add_generation_flags(gen)
 
+    chat = sub.add_parser("chat", help="talk with a model in the terminal", description=(
+        "An interactive conversation through the model's chat template, the reply streamed as it is generated. "
+        "Commands: /reset, /help, /quit (or /exit, or Ctrl-D); Ctrl-C stops a reply. When standard input is "
+        "not a terminal, each line is one user message and only the replies are printed."))
+    chat.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"the model (default: {DEFAULT_MODEL})")
+    chat.add_argument("--system", help="system prompt, kept across /reset")
+    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    chat.add_argument("--device", default="cpu")
+    chat.add_argument("--allow-pickle", action="store_true",
+                      help="allow pickle checkpoints (pytorch_model.bin); loaded with weights_only=True")
+    add_generation_flags(chat)
+
     for name, helptext in (("translate", "translate text"), ("summarize", "summarize text")):
         task = sub.add_parser(name, help=helptext, description=(
             f"{helptext.capitalize()} with an encoder-decoder model (T5, BART, mBART, Marian) or a decoder-only one "
@@ -153,6 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--device", default="cpu")
         task.add_argument("--json", action="store_true", help="print one JSON object per text")
         add_generation_flags(task)
+
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=(
+        "Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, "
+        "/health and /metrics. Requests are batched continuously. SIGTERM or Ctrl-C stops taking requests, "
+        "finishes those in flight, then exits."))
+    srv.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"the model (default: {DEFAULT_MODEL})")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    srv.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together (default: 32)")
+    srv.add_argument("--max-queue", type=int, default=256,
+                     help="most requests waiting for the batch; more get HTTP 429 (default: 256)")
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                     help="largest request body; larger get HTTP 413 (default: 1048576)")
+    srv.add_argument("--served-model-name", help="the model's name in the API (default: the model's own)")
+    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--allow-pickle", action="store_true",
+                     help="allow pickle checkpoints (pytorch_model.bin); loaded with weights_only=True")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     pull = sub.add_parser("pull", help="download a model from the built-in registry into the local cache")
     pull.add_argument("name", help="registry name (see `tokenloom models`)")
@@ -204,6 +235,99 @@ def cmd_generate(args) -> int:
             print(generation_json(g), flush=True)
         return 0
     stream_to_terminal(model.stream(prompt, **params), sys.stdout)
+    return 0
+
+
+CHAT_HELP = """commands:
+  /reset         forget the conversation (the system prompt stays)
+  /quit, /exit   leave (Ctrl-D too)
+  /help          this list
+Ctrl-C stops the reply being written."""
+
+
+def read_chat_line(interactive: bool) -> str | None:
+    """One user message; None at the end of input. On a terminal, Ctrl-C at the prompt gives a new prompt."""
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        while True:
+            try:
+                return input("> ")
+            except EOFError:
+                print()
+                return None
+            except KeyboardInterrupt:
+                print("\n(/quit or Ctrl-D leaves)", file=sys.stderr)
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
+
+
+def chat_reply(model, messages: list[dict], params: dict) -> str:
+    """Stream the reply to `messages` to the terminal; return the text of sequence 0."""
+    texts = []
+
+    def keep(deltas):
+        for d in deltas:
+            if d.index == 0:
+                texts.append(d.text)
+            yield d
+
+    deltas = model.stream_chat(messages, **params)
+    try:
+        stream_to_terminal(keep(deltas), sys.stdout)
+    except BaseException:  # a reply cut short (Ctrl-C, an error) still ends its line
+        if any(texts):
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
+    finally:
+        deltas.close()
+    return "".join(texts)
+
+
+def cmd_chat(args) -> int:
+    import tokenloom
+    from tokenloom.loading.resolve import resolve_model
+    from tokenloom.tokenizer.chat_template import ChatTemplateError
+
+    params = generation_params(args)
+    GenerationConfig.from_dict(params)
+    resolve_model(args.model)
+    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+    if not model.tokenizer.chat_template:
+        raise ChatTemplateError(f"{model.name} has no chat template; `tokenloom generate` continues plain text")
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {model.name}. /help lists the commands.", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    while (line := read_chat_line(interactive)) is not None:
+        if not line.strip():
+            continue
+        command = line.split()[0].lower() if line.lstrip().startswith("/") else None
+        if command in ("/quit", "/exit"):
+            break
+        if command == "/reset":
+            history = list(system)
+            print("(conversation cleared)", file=sys.stderr)
+        elif command == "/help":
+            print(CHAT_HELP, flush=True)
+        elif command is not None:
+            print(f"tokenloom: unknown command {command} (/help lists them)", file=sys.stderr)
+        else:
+            messages = history + [{"role": "user", "content": line}]
+            try:
+                reply = chat_reply(model, messages, params)
+            except TokenloomError as e:  # this turn failed (too long, template refused it): the chat goes on
+                sys.stdout.flush()
+                print(f"tokenloom: error: {e}", file=sys.stderr, flush=True)
+                continue
+            except KeyboardInterrupt:  # the turn is dropped, so the model never sees a cut reply
+                print("\n(reply stopped)", file=sys.stderr, flush=True)
+                continue
+            history = messages + [{"role": "assistant", "content": reply}]
     return 0
 
 
@@ -275,6 +399,27 @@ def stream_to_terminal(deltas, out) -> None:
     out.flush()
 
 
+def cmd_serve(args) -> int:
+    import tokenloom
+    from tokenloom.loading.resolve import resolve_model
+
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-body-bytes", args.max_body_bytes)):
+        if value < 1:
+            raise TokenloomError(f"{flag} must be at least 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise TokenloomError(f"--port must be in [0, 65535], got {args.port}")
+    try:
+        from tokenloom.server import serve
+    except ImportError as e:
+        raise TokenloomError(f"the server needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from None
+    resolve_model(args.model)
+    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+    serve(model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          max_body_bytes=args.max_body_bytes, model_name=args.served_model_name, log_level=args.log_level)
+    return 0
+
+
 def cmd_pull(args) -> int:
     from tokenloom.loading.registry import pull
 
@@ -302,8 +447,8 @@ def cmd_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"generate": cmd_generate, "translate": cmd_task, "summarize": cmd_task, "pull": cmd_pull,
-                    "models": cmd_models}
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "translate": cmd_task, "summarize": cmd_task, "pull": cmd_pull,
+                    "models": cmd_models, "serve": cmd_serve}
         status = commands[args.command](args)
         sys.stdout.flush()  # a reader that left shows up here, not in Python's flush at exit
         return status
