@@ -135,15 +135,12 @@ class Model:
     # ------------------------------------------------------------------ chat and applications
 
     def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render `messages` with the model's chat template and tokenize the result. The
-        template places the special tokens, so none are added around it."""
-        from tokenloom.tokenizer.chat_template import render_chat
+        """Render `messages` with the model's chat template and tokenize the result. The template
+        places the special tokens, so none are added around it; special-token text inside a
+        message's content is tokenized as plain text (see chat_template.chat_ids)."""
+        from tokenloom.tokenizer.chat_template import chat_ids
 
-        tok = self.tokenizer
-        text = render_chat(tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=tok.decode([tok.bos_token_id], skip_special_tokens=False) if tok.bos_token_id is not None else "",
-                           eos_token=tok.decode([tok.eos_token_id], skip_special_tokens=False) if tok.eos_token_id is not None else "")
-        ids = tok.encode(text, add_special_tokens=False)
+        ids = chat_ids(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
         if len(ids) >= self.context_length:
             raise PromptError(f"the conversation has {len(ids)} tokens but the model's context window is "
                               f"{self.context_length} tokens")
@@ -153,6 +150,14 @@ class Model:
         """Reply to a conversation ([{"role": "user", "content": ...}, ...]) using the chat template."""
         cfg = self.generation_config(config, **params)
         return self.generate_ids([self.chat_prompt_ids(messages)], cfg)[0]
+
+    def stream_chat(self, messages: list[dict], config: GenerationConfig | dict | None = None,
+                    **params) -> Iterator[StreamDelta]:
+        """Yield the reply to a conversation as it is generated, like `stream`.
+
+        Parameters and the conversation are checked now, not at the first iteration."""
+        cfg = self.generation_config(config, **params)
+        return self._run([self.chat_prompt_ids(messages)], cfg)
 
     def translate(self, text: str | list[str], source: str | None = None, target: str | None = None,
                   **params) -> str | list[str]:

@@ -325,7 +325,7 @@ def cmd_chat(args) -> int:
                 print(f"tokenloom: error: {e}", file=sys.stderr, flush=True)
                 continue
             except KeyboardInterrupt:  # the turn is dropped, so the model never sees a cut reply
-                print("\n(reply stopped)", file=sys.stderr, flush=True)
+                print("(reply stopped)", file=sys.stderr, flush=True)
                 continue
             history = messages + [{"role": "assistant", "content": reply}]
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import tokenizers
@@ -78,6 +79,7 @@ class Tokenizer:
         self.byte_fallback_ids = byte_fallback_ids
         self.segmenter = segmenter
         self._piece_ids = backend.get_vocab(with_added_tokens=True) if segmenter is not None else {}
+        self._lock = threading.Lock()
         self.special_ids = frozenset(
             i for i, added in backend.get_added_tokens_decoder().items() if added.special)
         # Ids other than BOS/EOS that tokenizer.json's post-processor wraps text in ([CLS] ...).
@@ -110,21 +112,51 @@ class Tokenizer:
         tail = self._suffix_ids + ([self.eos_token_ids[0]] if self.add_eos else [])
         return head + ids + tail
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, special_as_text: bool = False) -> list[int]:
         """Token ids of `text`; BOS/EOS added as the model's config says when `add_special_tokens`.
 
-        Special tokens written in the text (`<|im_start|>`) always become their single id.
+        Special tokens written in the text (`<|im_start|>`) become their single id, unless
+        `special_as_text`: then they are split like any other text (for text a user typed).
         """
-        return self.encode_batch([text], add_special_tokens)[0]
+        return self.encode_batch([text], add_special_tokens, special_as_text)[0]
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True,
+                     special_as_text: bool = False) -> list[list[int]]:
+        encodings = self._encode(list(texts), special_as_text)
         if self.segmenter is None:
-            ids = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+            ids = [e.ids for e in encodings]
         else:
             pieces, unk = self._piece_ids, self.unk_token_id
-            ids = [[pieces.get(t, unk) for t in e.tokens]
-                   for e in self.segmenter.encode_batch(list(texts), add_special_tokens=False)]
+            ids = [[pieces.get(t, unk) for t in e.tokens] for e in encodings]
         return [self._wrap(i) for i in ids] if add_special_tokens else ids
+
+    def _encode(self, texts: list[str], special_as_text: bool = False) -> list[tokenizers.Encoding]:
+        splitter = self.segmenter if self.segmenter is not None else self.backend
+        # `encode_special_tokens` is a setting of the shared Rust tokenizer, not of one call: it
+        # is switched on only under the lock, which every encode takes, and always switched back.
+        with self._lock:
+            if not special_as_text:
+                return splitter.encode_batch(texts, add_special_tokens=False)
+            splitter.encode_special_tokens = True
+            try:
+                return splitter.encode_batch(texts, add_special_tokens=False)
+            finally:
+                splitter.encode_special_tokens = False
+
+    def split_special(self, text: str) -> list[tuple[str, int | None]]:
+        """`text` cut at the special tokens `encode` would find in it: (piece, None) for the text
+        between them, (token text, id) for each special token, in order."""
+        if self.segmenter is not None:  # Marian: special tokens never come from text
+            return [(text, None)]
+        (encoding,) = self._encode([text])
+        out, start = [], 0
+        for i, (begin, end) in zip(encoding.ids, encoding.offsets):
+            if i in self.special_ids:
+                out.append((text[start:begin], None))
+                out.append((text[begin:end], i))
+                start = end
+        out.append((text[start:], None))
+        return out
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
