@@ -355,6 +355,9 @@ def test_full_queue_and_stopping_service(srv, client, monkeypatch):
     monkeypatch.setattr(srv.service, "accepting", False)
     assert_error(post(srv, "/v1/chat/completions", {"messages": HI, "stream": True}), 503, code="shutting_down")
     monkeypatch.undo()
+    monkeypatch.setattr(srv.service, "state", "stopped")
+    assert_error(post(srv, "/v1/completions", {"prompt": PROMPT}), 503, code="engine_stopped")
+    monkeypatch.undo()
     still_serves(client)
 
 

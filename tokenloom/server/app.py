@@ -103,6 +103,8 @@ def create_app(service, model_name: str | None = None, *, max_body_bytes: int = 
         return ids
 
     def submit(parsed, ids: list[list[int]]) -> list:
+        if service.state == "stopped":  # the engine loop is gone: a request would wait forever
+            raise RequestError(503, "the engine is not running", type="service_unavailable", code="engine_stopped")
         streams = []
         try:
             for p in ids:
