@@ -40,6 +40,7 @@ HI = [{"role": "user", "content": "Hi"}]
 PROMPT = "Once upon a time"
 LONG = " ".join(["word"] * 300)  # more than the tiny model's 128-token window
 EXTRA = {"ignore_eos": True}  # every sequence runs to max_tokens: lengths are known
+DEVICE = os.environ.get("TOKENLOOM_TEST_DEVICE", "cpu")  # e.g. cuda, to run the server's tests on a GPU
 
 
 class ServerThread:
@@ -97,7 +98,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(folder):
-    return tokenloom.load(folder)
+    return tokenloom.load(folder, device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -506,7 +507,7 @@ def save_tiny_t5(folder: Path) -> None:
 
 def test_encoder_decoder_completions(tmp_path):
     save_tiny_t5(tmp_path)
-    t5 = tokenloom.load(tmp_path)
+    t5 = tokenloom.load(tmp_path, device=DEVICE)
     source = "translate English to German: The fox."
     s = ServerThread(t5, name="t5")
     try:
@@ -532,7 +533,7 @@ def test_serve_command_drains_on_sigterm(folder, tmp_path):
     finish, refuses new ones, and exits 0."""
     log = open(tmp_path / "stderr.txt", "w")
     proc = subprocess.Popen([sys.executable, "-m", "tokenloom", "serve", "-m", str(folder), "--port", "0",
-                             "--served-model-name", "tiny", "--log-level", "warning"],
+                             "--served-model-name", "tiny", "--log-level", "warning", "--device", DEVICE],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = proc.stdout.readline()
