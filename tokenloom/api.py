@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from tokenloom.config import GenerationConfig
-from tokenloom.engine.generate import TokenLoop
 from tokenloom.errors import PromptError, TokenloomError
 from tokenloom.outputs import Generation, Score, StreamDelta
 
@@ -225,38 +224,36 @@ class Model:
         return ids
 
     def _run(self, prompt_ids: list[list[int]], cfg: GenerationConfig) -> Iterator[StreamDelta]:
-        from tokenloom.engine.output import TextStream
-        from tokenloom.engine.search import uses_search
+        """All prompts as requests of one engine, stepped here; deltas as they are made."""
+        from tokenloom.engine.engine import Engine
 
-        if uses_search(cfg):
-            yield from self._run_search(prompt_ids, cfg)
-            return
-        loop = TokenLoop(self.network, prompt_ids, cfg, self.tokenizer.eos_token_ids, self.dtype, self.device,
-                         tokenizer=self.tokenizer)
-        streams = [TextStream(self.tokenizer, prompt_ids[s.prompt_index], cfg.stop,
-                              include_stop=cfg.include_stop_str_in_output) for s in loop.seqs]
-        for s in loop.seqs:  # sequences that could not generate at all
-            if s.finish_reason is not None:
-                yield StreamDelta("", [], s.index, s.prompt_index, s.finish_reason)
-        while not loop.done:
-            for index, token in loop.step():
-                seq, ts = loop.seqs[index], streams[index]
-                text = ts.add(token)
-                if ts.stopped:
-                    loop.finish(index, "stop")
-                elif seq.finish_reason is not None:
-                    text += ts.finish()
-                lps = None if cfg.logprobs is None else seq.logprobs[-1:]
-                yield StreamDelta(text, [token], index, seq.prompt_index, seq.finish_reason, lps)
+        engine = Engine(self.network, self.dtype, self.device, max_batch=1 << 30)
+        out: list[StreamDelta] = []
+        requests = [self.make_request(ids, cfg, out.append, prompt_index=i) for i, ids in enumerate(prompt_ids)]
+        for r in requests:
+            engine.add(r)
+        return self._drive(engine, requests, out)
 
-    def _run_search(self, prompt_ids: list[list[int]], cfg: GenerationConfig) -> Iterator[StreamDelta]:
-        """Beam or contrastive search: each sequence arrives whole, stop strings cut its text."""
-        from tokenloom.engine.output import TextStream
-        from tokenloom.engine.search import run_search
+    def _drive(self, engine, requests, out: list[StreamDelta]) -> Iterator[StreamDelta]:
+        try:
+            while engine.has_work:
+                engine.step()
+                failed = next((r for r in requests if r.error), None)
+                if failed is not None:
+                    raise TokenloomError(f"generation failed: {failed.error}")
+                yield from out
+                out.clear()
+        finally:
+            for r in requests:  # the caller stopped early: end the rest
+                if not r.done:
+                    engine.abort(r)
 
-        for f in run_search(self.network, self.tokenizer, prompt_ids, cfg, self.dtype, self.device):
-            ts = TextStream(self.tokenizer, prompt_ids[f.prompt_index], cfg.stop,
-                            include_stop=cfg.include_stop_str_in_output)
-            text = "".join(ts.add(t) for t in f.token_ids) + ts.finish()
-            reason = "stop" if ts.stopped else f.finish_reason
-            yield StreamDelta(text, f.token_ids, f.index, f.prompt_index, reason, score=f.score)
+    def make_request(self, prompt_ids: list[int], cfg: GenerationConfig, emit, prompt_index: int = 0, rid=None):
+        """An engine request whose text edge sends StreamDelta objects to `emit`."""
+        from tokenloom.engine.generate import _vocab_size
+        from tokenloom.engine.output import DeltaSink
+        from tokenloom.engine.request import make_request
+
+        sink = DeltaSink(self.tokenizer, prompt_ids, cfg, emit, prompt_index)
+        return make_request(rid, prompt_ids, cfg, self.network, self.tokenizer.eos_token_ids,
+                            _vocab_size(self.network), self.tokenizer, sink)

@@ -108,9 +108,23 @@ def beam_search(model, prompts: list[list[int]], config: GenerationConfig, eos_i
     generator per prompt); `num_beam_groups > 1` gives diverse beam search. `process` is the
     logits chain, applied to the log-softmax scores before the running beam scores are added.
     """
-    if config.num_beam_groups > 1:
-        return _group_beam_search(_Search(model, prompts, config, eos_ids, process, dtype, device))
-    return _beam_search(_Search(model, prompts, config, eos_ids, process, dtype, device))
+    s = _Search(model, prompts, config, eos_ids, process, dtype, device)
+    steps = search_steps(s)
+    try:
+        tokens = next(steps)
+        while True:
+            tokens = steps.send(s.forward(tokens))
+    except StopIteration as done:
+        return done.value
+
+
+def search_steps(s: _Search):
+    """The search as a generator: it yields the next token of every row (R,) after reordering
+    the rows with `s.keep_rows`, is sent the logits of running them, and returns the hypotheses.
+    The caller runs the model, so a serving engine can batch these rows with others."""
+    if s.config.num_beam_groups > 1:
+        return _group_beam_search(s)
+    return _beam_search(s)
 
 
 # ---------------------------------------------------------------------------- plain / sampled
@@ -138,7 +152,7 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx, dim=1)
 
 
-def _beam_search(s: _Search) -> list[list[BeamHypothesis]]:
+def _beam_search(s: _Search):
     config, B = s.config, s.num_beams
     n_ret = config.num_return_sequences
     out: list[list[BeamHypothesis] | None] = [None] * len(s.prompts)
@@ -237,7 +251,7 @@ def _beam_search(s: _Search) -> list[list[BeamHypothesis]]:
             improvable, max_new = improvable[keep], max_new[keep]
             P = len(keep)
         s.keep_rows(rows)
-        logits = s.forward(run_seq[:, :, step - 1].reshape(-1))
+        logits = yield run_seq[:, :, step - 1].reshape(-1)
 
 
 # ---------------------------------------------------------------------------- diverse (grouped)
@@ -272,7 +286,7 @@ class _Hypotheses:
         return self.worst >= best_sum_logprobs / generated_len ** self.lp
 
 
-def _group_beam_search(s: _Search) -> list[list[BeamHypothesis]]:
+def _group_beam_search(s: _Search):
     config, B = s.config, s.num_beams
     n_groups = config.num_beam_groups
     G = B // n_groups
@@ -373,7 +387,7 @@ def _group_beam_search(s: _Search) -> list[list[BeamHypothesis]]:
         next_tokens = torch.tensor([q[-1] for q in seqs], dtype=torch.long, device=s.device)
         live = [live[p] for p in keep]
         s.keep_rows(src_rows)
-        logits = s.forward(next_tokens)
+        logits = yield next_tokens
 
 
 def _pop(ranked: list[tuple[float, list[int]]], s: _Search) -> BeamHypothesis:

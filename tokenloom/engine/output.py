@@ -67,3 +67,28 @@ class TextStream:
             out += self.matcher.flush()
         self.text += out
         return out
+
+
+class DeltaSink:
+    """The text edge of one engine request: token ids in, StreamDelta out (to `emit`).
+
+    Called by the engine as ``sink(j, token_ids, finish_reason, logprobs, score)`` for sequence j;
+    returns True when a stop string ended the sequence, so the engine stops it."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], config, emit, prompt_index: int = 0):
+        self.n, self.prompt_index, self.emit = config.num_return_sequences, prompt_index, emit
+        self.streams = [TextStream(tokenizer, prompt_ids, config.stop, include_stop=config.include_stop_str_in_output)
+                        for _ in range(self.n)]
+
+    def __call__(self, j: int, token_ids: list[int], finish_reason: str | None, logprobs=None, score=None) -> bool:
+        from tokenloom.outputs import StreamDelta
+
+        ts = self.streams[j]
+        was_stopped = ts.stopped
+        text = "".join(ts.add(t) for t in token_ids)
+        if finish_reason is not None and not ts.stopped:
+            text += ts.finish()
+        stopped = ts.stopped and not was_stopped
+        self.emit(StreamDelta(text, token_ids, self.prompt_index * self.n + j, self.prompt_index,
+                              "stop" if stopped else finish_reason, logprobs, score))
+        return stopped
