@@ -49,6 +49,7 @@ class Request:
                  vocab_size: int, tokenizer=None, sink=None):
         self.id, self.prompt, self.config, self.sink = rid, prompt, config, sink or (lambda *a, **k: False)
         self.encoder_decoder = getattr(model, "is_encoder_decoder", False)
+        self.device = next(model.parameters()).device
         self.max_new = new_token_limit(model, prompt, config.max_new_tokens)
         model_eos = [] if config.ignore_eos else list(config.eos_token_id or eos_ids)
         self.stop_set = set(config.stop_token_ids) | set(model_eos)
@@ -69,7 +70,7 @@ class Request:
         self.generators = None
         if self.config.sampling:
             seed = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(6), "little")
-            self.generators = make_generators([row_seed(seed, j) for j in range(n)])
+            self.generators = make_generators([row_seed(seed, j) for j in range(n)], self.device)
 
     @property
     def rows_needed(self) -> int:
@@ -219,13 +220,13 @@ class _EngineSearch:
 
     def __init__(self, req: BeamRequest, logits, decoder_tokens, encoder_tokens):
         cfg, B = req.config, req.config.num_beams
-        self.config, self.num_beams, self.device = cfg, B, torch.device("cpu")
+        self.config, self.num_beams, self.device = cfg, B, req.device
         self.prompts, self.stop_set = [req.prompt], req.stop_set
-        self.stop_ids = torch.tensor(sorted(req.stop_set), dtype=torch.long)
+        self.stop_ids = torch.tensor(sorted(req.stop_set), dtype=torch.long, device=req.device)
         self.max_new = [req.max_new]
         self.process = req.process
-        self.prompt_tokens = torch.tensor([decoder_tokens] * B)
-        self.encoder_tokens = None if encoder_tokens is None else torch.tensor([encoder_tokens] * B)
+        self.prompt_tokens = torch.tensor([decoder_tokens] * B, device=req.device)
+        self.encoder_tokens = None if encoder_tokens is None else torch.tensor([encoder_tokens] * B, device=req.device)
         self.first = logits.expand(B, -1)
         self.pending_keep = list(range(B))
 
