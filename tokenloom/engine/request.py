@@ -90,12 +90,13 @@ class Request:
         """The prefill is done: `logits` (1, V) of its last position. Returns the logits of every row."""
         n = len(self.seqs)
         width = len(decoder_tokens) + max(self.max_new, 1)
-        self.history = torch.full((n, width), -1, dtype=torch.long)
-        self.history[:, :len(decoder_tokens)] = torch.tensor(decoder_tokens)
+        dev = self.device  # the chain's state lives where the logits are
+        self.history = torch.full((n, width), -1, dtype=torch.long, device=dev)
+        self.history[:, :len(decoder_tokens)] = torch.tensor(decoder_tokens, device=dev)
         self.history_len = len(decoder_tokens)
-        self.prompt_lens = torch.full((n,), len(decoder_tokens), dtype=torch.long)
-        self.max_news = torch.full((n,), self.max_new, dtype=torch.long)
-        self.encoder_tokens = None if encoder_tokens is None else torch.tensor([encoder_tokens] * n)
+        self.prompt_lens = torch.full((n,), len(decoder_tokens), dtype=torch.long, device=dev)
+        self.max_news = torch.full((n,), self.max_new, dtype=torch.long, device=dev)
+        self.encoder_tokens = None if encoder_tokens is None else torch.tensor([encoder_tokens] * n, device=dev)
         if self.max_new <= 0:
             self.finish_all("length")
         return logits.expand(n, -1)
@@ -120,7 +121,7 @@ class Request:
             if self.config.logprobs is not None:
                 lps = _logprobs(logits, processed, tokens_t, self.config.logprobs)
         tokens = tokens_t.tolist()
-        self.history[:, self.history_len] = tokens_t.cpu()
+        self.history[:, self.history_len] = tokens_t
         self.history_len += 1
         timed_out = self.deadline is not None and time.monotonic() >= self.deadline
         for r, (j, tok) in enumerate(zip(self.live, tokens)):
@@ -144,7 +145,7 @@ class Request:
         if len(keep) == len(self.live):
             return
         self.live = [self.live[r] for r in keep]
-        idx = torch.tensor(keep, dtype=torch.long)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.history = self.history.index_select(0, idx)
         self.prompt_lens, self.max_news = self.prompt_lens.index_select(0, idx), self.max_news.index_select(0, idx)
         if self.encoder_tokens is not None:
