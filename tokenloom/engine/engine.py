@@ -90,9 +90,13 @@ class Engine:
     def _fits(self, request: Request) -> bool:
         return self.live_rows + request.rows_needed <= self.max_batch
 
-    def _fail(self, request: Request, error: BaseException) -> None:
-        """One request failed (NaN logits, a bad parameter found late): it ends alone."""
+    def _fail(self, request: Request, error: BaseException, prefill_row: int | None = None) -> None:
+        """One request failed (NaN logits, a bad source, a step that raised): it ends alone, and
+        its rows are scrubbed (a masked NaN still poisons attention: 0 * NaN)."""
         request.error = f"{type(error).__name__}: {error}"
+        if prefill_row is not None:
+            self.prefilling = None
+            self.cache.clear(prefill_row, scrub=True)
         if request in self.running:
             self._release(request, scrub=True)
         request.finish_all("error")
@@ -100,11 +104,7 @@ class Engine:
     def fail_all(self, error: BaseException) -> None:
         """A step failed outside any one request (the batched forward): end what was in flight."""
         if self.prefilling is not None:
-            req, row = self.prefilling.request, self.prefilling.row
-            self.prefilling = None
-            self.cache.clear(row, scrub=True)
-            req.error = f"{type(error).__name__}: {error}"
-            req.finish_all("error")
+            self._fail(self.prefilling.request, error, self.prefilling.row)
         for req in list(self.running):
             self._fail(req, error)
 
@@ -115,8 +115,7 @@ class Engine:
             try:
                 request.run_whole(self.dtype, self.device)
             except Exception as e:  # noqa: BLE001
-                request.error = f"{type(e).__name__}: {e}"
-                request.finish_all("error")
+                self._fail(request, e)
             return
         # above every row a decode step touches (nothing decodes while the first one prefills)
         row = _round(self.live_rows, MIN_ROWS) if self.owner else 0
@@ -125,20 +124,14 @@ class Engine:
         try:
             self.prefilling = _Prefill(self, request, row)
         except Exception as e:  # noqa: BLE001 - e.g. a source the encoder cannot take
-            self.prefilling = None
-            self.cache.clear(row, scrub=True)
-            request.error = f"{type(e).__name__}: {e}"
-            request.finish_all("error")
+            self._fail(request, e, row)
 
     def _prefill_step(self, whole: bool) -> None:
         pf = self.prefilling
         try:
             logits = pf.run(whole)
         except Exception as e:  # noqa: BLE001
-            self.prefilling = None
-            self.cache.clear(pf.row, scrub=True)
-            pf.request.error = f"{type(e).__name__}: {e}"
-            pf.request.finish_all("error")
+            self._fail(pf.request, e, pf.row)
             return
         if logits is None:
             return

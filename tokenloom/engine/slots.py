@@ -42,7 +42,7 @@ class SlotCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.positions = torch.empty(0, 0, dtype=torch.long, device=self.device)
-        self.lengths = [0] * 0
+        self.lengths: list[int] = []
         self.cross_k: list[torch.Tensor] = []
         self.cross_v: list[torch.Tensor] = []
         self.memory_mask = torch.empty(0, 0, dtype=torch.bool, device=self.device)
@@ -152,8 +152,6 @@ class SlotCache:
 
 class _CrossMixin:
     cache: SlotCache
-    lo: int
-    hi: int
 
     def _cross(self, rows: slice):
         c = self.cache
