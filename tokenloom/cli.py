@@ -1,4 +1,4 @@
-"""The `tokenloom` command: generate, chat, translate, summarize, serve, pull, models. Each subcommand calls into the library.
+"""The `tokenloom` command: generate, chat, translate, summarize, serve, pull, models, bench. Each subcommand calls into the library.
 
 Generation flags are made from GenerationConfig's fields, so every generation parameter is a
 flag with its description and range in --help. Errors print one line and exit non-zero.
@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name", help="registry name (see `tokenloom models`)")
 
     sub.add_parser("models", help="list the registry and the models in the local cache")
+
+    from tokenloom import bench
+    bench.add_arguments(sub.add_parser("bench", help="tok/s and memory of tokenloom, transformers and llama.cpp side by side",
+                                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -444,11 +448,17 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from tokenloom import bench
+
+    return bench.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "chat": cmd_chat, "translate": cmd_task, "summarize": cmd_task, "pull": cmd_pull,
-                    "models": cmd_models, "serve": cmd_serve}
+                    "models": cmd_models, "serve": cmd_serve, "bench": cmd_bench}
         status = commands[args.command](args)
         sys.stdout.flush()  # a reader that left shows up here, not in Python's flush at exit
         return status
