@@ -23,11 +23,17 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+QUANTIZE = ("auto", "none", "int8", "int4")
+
+
 def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
-         allow_pickle: bool = False, progress: bool = True) -> "Model":
+         quantize: str = "auto", allow_pickle: bool = False, progress: bool = True) -> "Model":
     """Load a model from a registry name, a checkpoint folder, a .gguf file or a Hub id.
 
     With no argument, the default model (pulled into the local model cache on first use).
+    `quantize`: "auto" runs a quantized GGUF file's weights packed (int4 for a mostly 4-bit
+    file, else int8) on CPU and leaves float checkpoints float; "int8" / "int4" quantize any
+    model at load time (CPU, float32 activations); "none" expands every weight to `dtype`.
     """
     from tokenloom.loading.registry import DEFAULT_MODEL
     from tokenloom.loading.resolve import resolve_model
@@ -41,7 +47,13 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "
         raise TokenloomError(f"invalid device {device!r}: {e}") from None
     if device_t.type == "cuda" and not torch.cuda.is_available():
         raise TokenloomError("device 'cuda' requested but no CUDA GPU is available")
+    if quantize not in QUANTIZE:
+        raise TokenloomError(f"invalid quantize {quantize!r} (allowed: {', '.join(QUANTIZE)})")
+    if quantize in ("int8", "int4") and (device_t.type != "cpu" or torch_dtype != torch.float32):
+        raise TokenloomError(f"quantize {quantize!r} runs on the CPU with dtype float32 "
+                             f"(got device {device!r}, dtype {str(torch_dtype).removeprefix('torch.')!r})")
     source = resolve_model(model if model is not None else DEFAULT_MODEL, progress=progress)
+    mode = None if quantize in ("auto", "none") else quantize
     if source.kind == "gguf":
         from tokenloom.loading.gguf import gguf_to_hf_config, load_gguf_state_dict, read_gguf
         f = read_gguf(source.path)
@@ -49,6 +61,9 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "
         weights = load_gguf_state_dict(f, config, dtype=torch_dtype)
         tokenizer = Tokenizer.from_gguf_metadata(f.metadata)
         defaults: dict = {}
+        if quantize == "auto" and device_t.type == "cpu" and torch_dtype == torch.float32:
+            from tokenloom.loading.gguf import quantization_mode
+            mode = quantization_mode(f)
     else:
         from tokenloom.loading.checkpoint import load_hf_state_dict, read_generation_config, read_hf_config
         config = read_hf_config(source.path)
@@ -61,8 +76,14 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "
             defaults = {k: v for k, v in config.items() if k in names}
         tokenizer = Tokenizer.from_folder(source.path, generation_config=defaults, config=config)
     network = build_model(config, weights, torch_dtype).to(device_t)
-    return Model(network, tokenizer, GenerationConfig.from_model_defaults(defaults), name=source.name,
-                 path=source.path, dtype=torch_dtype, device=device_t, config=config)
+    del weights
+    if mode is not None:
+        from tokenloom.models.quant import quantize_model
+        quantize_model(network, mode)
+    out = Model(network, tokenizer, GenerationConfig.from_model_defaults(defaults), name=source.name,
+                path=source.path, dtype=torch_dtype, device=device_t, config=config)
+    out.quantization = mode
+    return out
 
 
 def _prompt_list(prompt) -> list:
@@ -81,13 +102,15 @@ class Model:
         self.network, self.tokenizer, self.defaults = network, tokenizer, defaults
         self.name, self.path, self.dtype, self.device = name, path, dtype, device
         self.config = config or {}
+        self.quantization: str | None = None  # "int4" / "int8" when the weights run packed
 
     @property
     def context_length(self) -> int:
         return self.network.max_positions
 
     def __repr__(self) -> str:
-        return f"Model({self.name!r}, dtype={self.dtype}, device={self.device})"
+        quant = f", quantization={self.quantization!r}" if self.quantization else ""
+        return f"Model({self.name!r}, dtype={self.dtype}, device={self.device}{quant})"
 
     # ------------------------------------------------------------------ generation
 

@@ -24,7 +24,7 @@ from collections import deque
 import torch
 
 from tokenloom.engine.request import Request
-from tokenloom.engine.slots import MIN_ROWS, SlotCache, _round
+from tokenloom.engine.slots import SlotCache, _round
 
 PREFILL_CHUNK = 256  # prompt tokens per step while other requests are decoding
 
@@ -118,7 +118,7 @@ class Engine:
                 self._fail(request, e)
             return
         # above every row a decode step touches (nothing decodes while the first one prefills)
-        row = _round(self.live_rows, MIN_ROWS) if self.owner else 0
+        row = _round(self.live_rows, self.cache.min_rows) if self.owner else 0
         self.cache.reserve(row + 1, 1)
         self.cache.clear(row)
         try:

@@ -11,7 +11,12 @@ give a row the same result in any batch whose row count is a multiple of 4 (belo
 in a trailing block of 1-3 rows, it takes other kernels: measured with torch 2.13, 2 threads), and
 attention over a width that is a multiple of BLOCK gives the same sums whatever the width,
 because the extra columns are masked. So a step covers a multiple of MIN_ROWS rows (free rows run as
-padding) and a BLOCK-rounded width.
+padding) and a BLOCK-rounded width. A model whose products are all row-independent at any row
+count (the packed int4/int8 kernels, models/quant.py) says so with `row_multiple = 1`, and its
+steps cover just the live rows.
+
+Memory: rows and width grow separately, each only when needed (rows double, width by a quarter),
+and an idle engine releases everything.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class SlotCache:
     def __init__(self, model, dtype: torch.dtype, device):
         self.dtype, self.device = dtype, torch.device(device)
         self.encoder_decoder = getattr(model, "is_encoder_decoder", False)
+        self.min_rows = getattr(model, "row_multiple", MIN_ROWS)
         probe = model.make_cache(1, 1, dtype, device)
         self.kshapes = [(k.shape[1], k.shape[3]) for k in probe.k]
         self.vshapes = [(v.shape[1], v.shape[3]) for v in probe.v]
@@ -56,14 +62,14 @@ class SlotCache:
 
     def reserve(self, rows: int, width: int, mem_width: int = 0) -> None:
         """Make room for `rows` rows of `width` columns (and `mem_width` source columns)."""
-        rows, width = _round(rows, MIN_ROWS), _round(width, BLOCK)
+        rows, width = _round(rows, self.min_rows), _round(width, BLOCK)
         mem_width = _round(mem_width, BLOCK) if self.encoder_decoder else 0
         if rows <= self.rows and width <= self.width and mem_width <= self.mem_width \
                 and (self.cross_k or not self.cross_shapes):
             return
-        # grow geometrically so that growing is rare
-        new_rows = max(rows, self.rows, min(2 * self.rows, rows + self.rows))
-        new_width = max(width, self.width) if width <= self.width else max(width, 2 * self.width)
+        # grow geometrically, so that growing is rare, but each axis only when it must
+        new_rows = self.rows if rows <= self.rows else max(rows, min(2 * self.rows, rows + self.rows))
+        new_width = self.width if width <= self.width else max(width, _round(self.width * 5 // 4, BLOCK))
         new_mem = max(mem_width, self.mem_width)
 
         def grow(old: list[torch.Tensor], shapes, cols: int) -> list[torch.Tensor]:
@@ -146,7 +152,7 @@ class SlotCache:
         return _RowView(self, row)
 
     def step_view(self, n: int) -> "_StepView":
-        """Rows [0, n) advance by one token; free rows up to a multiple of MIN_ROWS run along."""
+        """Rows [0, n) advance by one token; free rows up to a multiple of `min_rows` run along."""
         return _StepView(self, n)
 
 
@@ -189,12 +195,22 @@ class _StepView(_CrossMixin):
     """Rows [0, n), one token each, written at each row's own length."""
 
     def __init__(self, cache: SlotCache, live: int):
-        n = _round(live, MIN_ROWS)
+        n = _round(live, cache.min_rows)
         self.cache, self.n, self.live = cache, n, live
         self.cols = torch.tensor(cache.lengths[:n], device=cache.device)
         self.ar = torch.arange(n, device=cache.device)
         self.end = _round(max(cache.lengths[:n]) + 1, BLOCK)
         self.cross_k, self.cross_v, self.memory_mask = self._cross(slice(0, n))
+        self._slots: dict[int, torch.Tensor] = {}
+
+    def _flat_slots(self, heads: int) -> torch.Tensor:
+        """Where this step's token goes in a (rows * heads * width, d) view of a layer's cache:
+        one index_copy_ per layer instead of an advanced-index write (fewer, cheaper calls)."""
+        if heads not in self._slots:
+            c = self.cache
+            h = torch.arange(heads, device=c.device)
+            self._slots[heads] = ((self.ar[:, None] * heads + h) * c.width + self.cols[:, None]).reshape(-1)
+        return self._slots[heads]
 
     def begin(self, position_ids: torch.Tensor) -> torch.Tensor:
         c = self.cache
@@ -203,8 +219,9 @@ class _StepView(_CrossMixin):
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         c = self.cache
-        c.k[layer][self.ar, :, self.cols] = k[:, :, 0]
-        c.v[layer][self.ar, :, self.cols] = v[:, :, 0]
+        for dst, src in ((c.k[layer], k), (c.v[layer], v)):
+            d = dst.shape[-1]
+            dst.view(-1, d).index_copy_(0, self._flat_slots(dst.shape[1]), src.reshape(-1, d))
         return c.k[layer][:self.n, :, :self.end], c.v[layer][:self.n, :, :self.end]
 
     def commit(self) -> None:

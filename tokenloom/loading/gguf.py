@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tokenloom.errors import GGUFError, UnsupportedArchitectureError
 from tokenloom.loading.gguf_file import GGUFFile, GGUFTensorInfo, read_gguf
@@ -324,6 +325,23 @@ def _short_list(names: set[str] | list[str], limit: int = 8) -> str:
     names = sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def quantization_mode(f: GGUFFile) -> str | None:
+    """How to run this file's weights packed: "int4" when most matrix weights are stored in 5 bits
+    or fewer (Q4_0, Q4_1, Q4_K, Q2_K, Q3_K, ...), "int8" for other quantized files, None for
+    float ones (F32 / F16 / BF16)."""
+    counts = {"float": 0, "low": 0, "high": 0}
+    for t in f.tensors.values():
+        if len(t.shape) != 2 or t.name == "token_embd.weight":
+            continue
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(t.ggml_type)]
+        bits = 8 * size / block
+        kind = "float" if block == 1 else "low" if bits <= 5.0 else "high"
+        counts[kind] += math.prod(t.shape)
+    if counts["float"] >= counts["low"] + counts["high"]:
+        return None
+    return "int4" if counts["low"] > counts["high"] else "int8"
 
 
 def load_gguf_state_dict(f: GGUFFile, config: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

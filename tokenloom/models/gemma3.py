@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, rope_parameters, embedding
+from tokenloom.models.base import OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, fused_halves, rope_parameters, embedding
 from tokenloom.models.cache import KVCache
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -85,8 +85,7 @@ class MLP(nn.Module):
         self.intermediate = args.intermediate_size
 
     def forward(self, x):
-        w, n = self.gate_up_proj.weight, self.intermediate  # see llama.MLP on the row slices
-        gate, up = F.linear(x, w[:n]), F.linear(x, w[n:])
+        gate, up = fused_halves(self.gate_up_proj, x, self.intermediate)
         return self.down_proj(F.gelu(gate, approximate="tanh").mul_(up))
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.models.base import OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, rope_parameters, embedding
+from tokenloom.models.base import OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, fused_halves, rope_parameters, embedding
 from tokenloom.models.cache import KVCache
 
 
@@ -61,8 +61,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache):
         b, t, _ = x.shape
         qkv = self.qkv_proj(x).view(b, t, self.n_heads + 2 * self.n_kv, self.hd).transpose(1, 2)
-        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)  # (B, h, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # (B, h, T, hd); q and k rotate together, in one set of element-wise ops
+        qk = apply_rotary(qkv[:, :self.n_heads + self.n_kv], cos, sin)
+        q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
         k, v = cache.update(self.layer, k, v)
         return self.o_proj(attend(q, k, v, mask, None))
 
@@ -75,11 +76,7 @@ class MLP(nn.Module):
         self.intermediate = args.intermediate_size
 
     def forward(self, x):
-        # two products on row slices of the fused weight: contiguous outputs make the
-        # element-wise ops about 25% faster in prefill than splitting one wide output
-        w, b, n = self.gate_up_proj.weight, self.gate_up_proj.bias, self.intermediate
-        gate = F.linear(x, w[:n], None if b is None else b[:n])
-        up = F.linear(x, w[n:], None if b is None else b[n:])
+        gate, up = fused_halves(self.gate_up_proj, x, self.intermediate)
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 

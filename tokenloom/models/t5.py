@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask, fuse, embedding
+from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask, fuse, fused_halves, embedding
 from tokenloom.models.cache import KVCache
 
 
@@ -184,8 +184,8 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if not self.gated:
             return self.wo(self.act(self.wi(x)))
-        w, n = self.wi.weight, self.d_ff
-        return self.wo(self.act(F.linear(x, w[:n])) * F.linear(x, w[n:]))
+        gate, up = fused_halves(self.wi, x, self.d_ff)
+        return self.wo(self.act(gate) * up)
 
 
 def clamp_fp16(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""Packed int4 / int8 weights (models/quant.py): the fast path must still match the reference.
+
+The reference for a quantized model is transformers running the *same* quantized weights
+(expanded to float32): prefill products are then float32 on both sides, and decode products
+differ only by the kernels' bfloat16 activations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenloom
+from tests.test_engine import PROMPTS, Collector, alone
+from tests.tiny import make_hf_model, save_tiny
+from tokenloom.errors import TokenloomError
+from tokenloom.models.quant import DENSE_MIN, GROUP, Int4Linear, Int8Linear, int4_block, int4_groups
+
+
+def q4_1_like(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Weights as a Q4_1 file holds them: per block of 32, fp16 scale and min, codes 0..15 with
+    both ends used."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k // GROUP, GROUP), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15
+    d = (torch.rand(n, k // GROUP, 1, generator=g) * 0.01 + 0.001).half().float()
+    m = (-torch.rand(n, k // GROUP, 1, generator=g) * 0.1).half().float()
+    return (codes * d + m).reshape(n, k)
+
+
+def test_the_packed_layout_is_known_on_this_cpu():
+    assert int4_block() in (32, 64)
+
+
+def test_int4_keeps_a_q4_1_grid_up_to_bfloat16_scales():
+    w = q4_1_like(64, 96)
+    codes, scale, zero = int4_groups(w)
+    back = ((codes.view(64, 3, GROUP) - 8) * scale[..., None] + zero[..., None]).view(64, 96)
+    torch.testing.assert_close(back, w, atol=1e-6, rtol=0)  # float32 scales: the file's values
+    dense = Int4Linear(w, None).dense_t().t()  # bfloat16 scales and zeros: within their rounding
+    assert (dense - w).abs().max() <= 2 ** -8 * w.abs().max()
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+def test_prefill_and_decode_products_agree_with_the_expanded_weights(cls):
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 64) * 0.1, torch.randn(96)
+    layer = cls(w, b)
+    expanded = layer.dense_t().t() if cls is Int4Linear else layer.weight_int8.float() * layer.scales.float()[:, None]
+    x = torch.randn(1, DENSE_MIN, 64)
+    ref = x @ expanded.t() + b
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)  # prefill: float32 GEMM
+    step = x[:, :1]  # decode: one position -> the packed kernel, bfloat16 activations
+    torch.testing.assert_close(layer(step), ref[:, :1], atol=0.05, rtol=0.02)
+    assert (expanded - w).abs().max() < (0.1 if cls is Int4Linear else 0.01)
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+def test_a_rows_result_does_not_depend_on_the_batch(cls):
+    torch.manual_seed(1)
+    layer = cls(torch.randn(128, 64), None)
+    x = torch.randn(33, 1, 64)
+    full = layer(x)
+    for m in (1, 2, 3, 5, 8, 17):
+        assert torch.equal(layer(x[:m]), full[:m])
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quant") / "llama"
+    save_tiny("llama", folder)
+    ours = tokenloom.load(folder, quantize="int4")
+    hf = make_hf_model("llama")
+    with torch.no_grad():  # transformers gets our quantized weights, expanded to float32
+        for i, layer in enumerate(ours.network.layers):
+            a, m, h = layer.self_attn, layer.mlp, hf.model.layers[i]
+            q, k, v = a.qkv_proj.dense_t().t().split([a.n_heads * a.hd, a.n_kv * a.hd, a.n_kv * a.hd])
+            h.self_attn.q_proj.weight.copy_(q), h.self_attn.k_proj.weight.copy_(k), h.self_attn.v_proj.weight.copy_(v)
+            h.self_attn.o_proj.weight.copy_(a.o_proj.dense_t().t())
+            gate, up = m.gate_up_proj.dense_t().t().chunk(2)
+            h.mlp.gate_proj.weight.copy_(gate), h.mlp.up_proj.weight.copy_(up)
+            h.mlp.down_proj.weight.copy_(m.down_proj.dense_t().t())
+        for src, dst in ((ours.network.lm_head, hf.lm_head), (ours.network.embed_tokens, hf.model.embed_tokens)):
+            dst.weight.copy_(src.weight_int8.float() * src.scales.float()[:, None])
+    return ours, hf
+
+
+def test_every_product_and_table_is_packed(pair):
+    ours, _ = pair
+    kinds = {type(m).__name__ for m in ours.network.modules()}
+    assert {"Int4Linear", "Int8Linear", "Int8Embedding"} <= kinds and not {"Linear", "Embedding"} & kinds
+    assert isinstance(ours.network.lm_head, Int8Linear) and ours.quantization == "int4"
+
+
+def test_an_embedding_tied_to_the_head_shares_its_codes(tmp_path):
+    save_tiny("gpt2", tmp_path)  # GPT-2 ties its head to the token table
+    net = tokenloom.load(tmp_path, quantize="int8").network
+    assert net.wte.weight_int8 is net.lm_head.weight_int8
+
+
+def test_prefill_logits_equal_transformers_on_the_same_weights(pair):
+    ours, hf = pair
+    ids = torch.tensor([list(range(3, 3 + DENSE_MIN))])
+    with torch.inference_mode():
+        ref = hf(ids).logits
+        got = ours.network(ids, torch.arange(ids.shape[1])[None], ours.network.make_cache(1, ids.shape[1]))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_steps_follow_transformers_on_its_greedy_path(pair):
+    """Teacher-forced along transformers' greedy sequence, one token per step (the packed
+    kernels, bfloat16 activations): logits stay within bfloat16 rounding and pick the same
+    tokens where transformers' choice is clear."""
+    ours, hf = pair
+    prompt = ours.encode_prompts([PROMPTS[1]])[0]
+    with torch.inference_mode():
+        seq = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24)
+        ref = hf(seq).logits[0, len(prompt) - 1:-1]
+        net, cache = ours.network, ours.network.make_cache(1, seq.shape[1])
+        net(seq[:, :len(prompt) - 1], torch.arange(len(prompt) - 1)[None], cache)
+        got = torch.cat([net(seq[:, t:t + 1], torch.tensor([[t]]), cache)[0]
+                         for t in range(len(prompt) - 1, seq.shape[1] - 1)])
+    assert (got - ref).abs().max() < 0.02 * ref.abs().max()
+    top2 = ref.topk(2).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.02 * ref.abs().max()
+    assert clear.sum() >= 8 and torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("neighbours", [1, 2, 9])
+def test_int4_requests_are_batch_invariant_without_row_padding(pair, neighbours):
+    ours, _ = pair
+    params = dict(max_new_tokens=10, logprobs=1, do_sample=True, seed=7, ignore_eos=True)
+    ref_tokens, ref_lps = alone(ours, PROMPTS[0], **params)
+    c = Collector(ours)
+    assert c.engine.cache.min_rows == 1  # decode steps run the live rows only
+    for i, p in enumerate(PROMPTS[1:1 + neighbours]):
+        c.add(p, max_new_tokens=4 + i, ignore_eos=True)
+    c.run(steps=2)
+    req = c.add(PROMPTS[0], **params)
+    c.run()
+    assert c.tokens(req.id) == ref_tokens and c.logprobs(req.id) == ref_lps
+
+
+def test_bad_quantize_settings_are_refused_by_name(tmp_path):
+    with pytest.raises(TokenloomError, match="quantize 'int3'.*allowed: auto, none, int8, int4"):
+        tokenloom.load(tmp_path, quantize="int3")
+    with pytest.raises(TokenloomError, match="quantize 'int4' runs on the CPU with dtype float32.*bfloat16"):
+        tokenloom.load(tmp_path, quantize="int4", dtype="bfloat16")
+
+
+@pytest.mark.slow
+def test_the_default_gguf_runs_packed_and_matches_the_float_path(smollm2_gguf_path):
+    from tokenloom.loading.gguf import quantization_mode, read_gguf
+
+    assert quantization_mode(read_gguf(smollm2_gguf_path)) == "int4"
+    fast = tokenloom.load(smollm2_gguf_path, progress=False)
+    ref = tokenloom.load(smollm2_gguf_path, quantize="none", progress=False)
+    assert fast.quantization == "int4" and ref.quantization is None
+    text = " runs through the old town, past the mill and under the stone bridge, down to the sea."
+    nll = {name: -m.score("The river", text).total for name, m in (("fast", fast), ("ref", ref))}
+    assert abs(nll["fast"] / nll["ref"] - 1) < 0.02
+    prompt = "The capital of France is"
+    cfg = dict(max_new_tokens=12, temperature=0)
+    assert fast.generate(prompt, **cfg).text[:20] == ref.generate(prompt, **cfg).text[:20]

@@ -1,0 +1,199 @@
+"""Weight-only quantized linear layers: int4 (groups of 32 along the input) and int8 (per output
+channel), for CPU.
+
+A decode step (one new token per row) is bound by the bytes of weights it reads, so it runs in
+PyTorch's kernels that read the packed weights directly (`_weight_int4pack_mm_for_cpu`,
+`_weight_int8pack_mm`); both are fast only with bfloat16 activations, so the rows go in and
+out as bfloat16 around the product and the rest of the model stays in float32.
+A prefill (many tokens per row) is bound by arithmetic instead, where float32 GEMM is several
+times faster than those kernels on a CPU without native bfloat16: there each layer's weights are
+expanded to float32 just for that product, and dropped after it, so memory stays at the packed
+size. Whether an input is a prefill is read from its shape (more than one position per row),
+never from the batch size: a row's numbers do not depend on its neighbours.
+
+`quantize_model` swaps the float `nn.Linear` layers of a loaded model for these. The output head
+(and an embedding tied to it) gets int8: it is the most sensitive product, and int8 per channel
+keeps its rounding near that of a Q8_0 file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUP = 32  # int4 group size along the input: that of Q4_0 / Q4_1 / the Q4_K sub-blocks
+MODES = ("int4", "int8")
+DENSE_MIN = 64  # a prefill of at least this many tokens runs on weights expanded to float32
+
+
+def _is_prefill(x: torch.Tensor) -> bool:
+    """Many positions per row: decided by the sequence axis, so a decode step (one position per
+    row) takes the same kernel at every batch size."""
+    return x.dim() > 2 and x.shape[-2] > 1 and x.numel() // x.shape[-1] >= DENSE_MIN
+
+
+def int4_groups(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization of (N, K) weights in groups of `group` along K.
+
+    Returns codes (N, K) int32 in [0, 15], and scales and zeros (N, K // group) float32 with
+    w ~= (code - 8) * scale + zero, the int4 kernel's convention. Weights that came from a Q4_1
+    file (whose blocks hold codes 0 and 15) get the file's grid back.
+    """
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.int32).reshape(n, k)
+    return codes, scale, lo + 8 * scale
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (N, K) -> codes (N, K) int8, scales (N,) float32."""
+    wf = w.float()
+    scale = (wf.abs().amax(-1) / 127).clamp(min=1e-12)
+    return (wf / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+@functools.cache
+def int4_block() -> int | None:
+    """Rows per block of the int4 kernel's packed layout on this CPU, or None if unknown.
+
+    The packer (dispatched per CPU capability) stores blocks of B rows as (K, B / 2) bytes: the
+    low nibbles hold rows [0, B/2) of the block, the high ones rows [B/2, B). B is 32 with AVX2
+    and 64 with AVX-512; it is found by packing known codes and checked on random ones.
+    """
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for block in (32, 64, 16, 128):
+        p = packed.view(128 // block, 64, block // 2)
+        if torch.equal(torch.cat([p & 15, p >> 4], 2).transpose(1, 2).reshape(128, 64).int(), codes):
+            return block
+    return None
+
+
+def int4_supported(out_features: int, in_features: int) -> bool:
+    block = int4_block()
+    return block is not None and in_features % GROUP == 0 and out_features % block == 0
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        codes, scale, zero = int4_groups(weight)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        # (K // group, N, 2): the kernel's layout for scales and zeros
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16())
+        self.register_buffer("bias", None if bias is None else bias.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if _is_prefill(x):  # float32 GEMM on weights expanded for this product
+            out = torch.mm(x2, self.dense_t())
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.bfloat16(), self.packed, GROUP,
+                                                              self.scales_zeros).to(x.dtype)
+        out = out.view(*shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def dense_t(self) -> torch.Tensor:
+        """The weights as float32, transposed: (in, out), read straight from the packed layout."""
+        n, k, b = self.out_features, self.in_features, int4_block()
+        q = self.packed.view(n // b, k, b // 2).permute(1, 0, 2).reshape(k // GROUP, GROUP, n // b, b // 2)
+        sz = self.scales_zeros.float()  # (K // group, N, 2)
+        scale = sz[..., 0].view(k // GROUP, 1, n // b, 2, b // 2)
+        out = torch.empty(k // GROUP, GROUP, n // b, 2, b // 2)
+        torch.mul(q & 15, scale[..., 0, :], out=out[..., 0, :])
+        torch.mul(q >> 4, scale[..., 1, :], out=out[..., 1, :])
+        out = out.view(k // GROUP, GROUP, n)
+        out += (sz[..., 1] - 8 * sz[..., 0]).unsqueeze(1)
+        return out.view(k, n)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        codes, scale = int8_rows(weight)
+        self.register_buffer("weight_int8", codes)
+        self.register_buffer("scales", scale.bfloat16())
+        self.register_buffer("bias", None if bias is None else bias.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if _is_prefill(x):
+            out = F.linear(x2, torch.mul(self.weight_int8, self.scales.float()[:, None]))
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.scales).to(x.dtype)
+        out = out.view(*shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table of int8 rows; shares the codes of an Int8Linear head it is tied to."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight_int8", codes)
+        self.register_buffer("scales", scales.bfloat16())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight_int8).float() * self.scales.float()[ids, None]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Swap every nn.Linear of a float32 CPU model (in place) for an int4 or int8 one.
+
+    The head gets int8, as does any layer the int4 layout cannot take (an input size that is not
+    a multiple of 32, say). Embedding tables become int8 rows; one tied to the head shares its
+    codes.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r} (allowed: {', '.join(MODES)})")
+    head = getattr(model, "lm_head", None)
+    # only plain tables: subclasses (BART's learned positions) read their weight themselves
+    embeds = [(name, m) for name, m in model.named_modules() if type(m) is nn.Embedding]
+    tied = [(name, m) for name, m in embeds if head is not None and m.weight.data_ptr() == head.weight.data_ptr()]
+    with torch.no_grad():
+        for name, m in embeds:
+            if (name, m) not in tied:
+                _replace(model, name, Int8Embedding(*int8_rows(m.weight)))
+        for name, m in list(model.named_modules()):
+            if not isinstance(m, nn.Linear):
+                continue
+            int4 = mode == "int4" and m is not head and int4_supported(m.out_features, m.in_features)
+            new = (Int4Linear if int4 else Int8Linear)(m.weight, m.bias)
+            _replace(model, name, new)
+            if m is head:
+                for ename, _ in tied:
+                    _replace(model, ename, Int8Embedding(new.weight_int8, new.scales))
+    # every product now gives a row the same numbers at any row count (tests/test_quant.py),
+    # so the engine need not pad decode steps to a multiple of 4 rows (engine/slots.py)
+    model.row_multiple = 1
+    _trim_heap()
+    return model
+
+
+def _trim_heap() -> None:
+    """Hand the freed float32 weights back to the OS (glibc keeps freed heap pages otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
