@@ -147,7 +147,7 @@ def test_smollm2_equals_transformers(smollm2_gguf_path):
     from transformers import AutoModelForCausalLM
 
     path = Path(smollm2_gguf_path)
-    loaded = tokenloom.load(path)
+    loaded = tokenloom.load(path, quantize="none")
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     worst = 0.0
     for text in ["The capital of France is", "def fibonacci(n):"]:

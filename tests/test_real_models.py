@@ -44,7 +44,7 @@ def hf_greedy(hf, ids, n):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf_path):
-    return tokenloom.load(smollm2_gguf_path), hf_model(smollm2_gguf_path)
+    return tokenloom.load(smollm2_gguf_path, quantize="none"), hf_model(smollm2_gguf_path)
 
 
 def test_smollm2_greedy_equals_transformers(smollm2):
@@ -77,7 +77,7 @@ def test_smollm2_digits_are_split_one_by_one(smollm2):
 
 
 def test_gemma3_greedy_equals_transformers(gemma3_gguf_path):
-    ours, hf = tokenloom.load(gemma3_gguf_path), hf_model(gemma3_gguf_path)
+    ours, hf = tokenloom.load(gemma3_gguf_path, quantize="none"), hf_model(gemma3_gguf_path)
     for prompt in PROMPTS[:3]:
         ids = ours.tokenizer.encode(prompt)
         assert ids[0] == ours.tokenizer.bos_token_id

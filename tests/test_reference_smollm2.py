@@ -27,7 +27,7 @@ HF_EOS = [REFERENCE["eos_token_id"]]
 
 @pytest.fixture(scope="module")
 def model(smollm2_gguf_path):
-    return tokenloom.load(smollm2_gguf_path)
+    return tokenloom.load(smollm2_gguf_path, quantize="none")
 
 
 def test_reference_is_for_this_file(smollm2_gguf_path, model):

@@ -117,6 +117,16 @@ def generation_params(args: argparse.Namespace) -> dict:
     return params
 
 
+def add_load_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="activation dtype, and weight dtype of unquantized weights (default: float32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights packed as int4/int8 on CPU: auto = as a quantized GGUF file stores them "
+                        "(float checkpoints stay float), none = expand to --dtype, int8/int4 = quantize at load "
+                        "(default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tokenloom.loading.registry import DEFAULT_MODEL
 
@@ -129,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(one trailing newline removed)")
     gen.add_argument("-m", "--model", default=DEFAULT_MODEL,
                      help=f"registry name, checkpoint folder, .gguf file or Hugging Face Hub id (default: {DEFAULT_MODEL})")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                     help="weight and activation dtype (default: float32)")
-    gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    add_load_flags(gen)
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per returned sequence (text, token_ids, finish_reason, ...) instead of streaming text")
     gen.add_argument("--allow-pickle", action="store_true",
@@ -144,8 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "not a terminal, each line is one user message and only the replies are printed."))
     chat.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"the model (default: {DEFAULT_MODEL})")
     chat.add_argument("--system", help="system prompt, kept across /reset")
-    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    chat.add_argument("--device", default="cpu")
+    add_load_flags(chat)
     chat.add_argument("--allow-pickle", action="store_true",
                       help="allow pickle checkpoints (pytorch_model.bin); loaded with weights_only=True")
     add_generation_flags(chat)
@@ -161,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "translate":
             task.add_argument("--source", help="source language (code such as en, or mBART's en_XX)")
             task.add_argument("--target", help="target language (code such as de, or mBART's de_DE)")
-        task.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        task.add_argument("--device", default="cpu")
+        add_load_flags(task)
         task.add_argument("--json", action="store_true", help="print one JSON object per text")
         add_generation_flags(task)
 
@@ -179,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20,
                      help="largest request body; larger get HTTP 413 (default: 1048576)")
     srv.add_argument("--served-model-name", help="the model's name in the API (default: the model's own)")
-    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    srv.add_argument("--device", default="cpu")
+    add_load_flags(srv)
     srv.add_argument("--allow-pickle", action="store_true",
                      help="allow pickle checkpoints (pytorch_model.bin); loaded with weights_only=True")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -233,7 +238,7 @@ def cmd_generate(args) -> int:
     GenerationConfig.from_dict(params)  # refuse bad values before spending time loading the model
     prompt = read_prompt(args)
     resolve_model(args.model)  # a missing or unrecognised model fails now, before torch is imported
-    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, allow_pickle=args.allow_pickle)
     if args.json:
         for g in model.generate([prompt], **params):
             print(generation_json(g), flush=True)
@@ -299,7 +304,7 @@ def cmd_chat(args) -> int:
     params = generation_params(args)
     GenerationConfig.from_dict(params)
     resolve_model(args.model)
-    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, allow_pickle=args.allow_pickle)
     if not model.tokenizer.chat_template:
         raise ChatTemplateError(f"{model.name} has no chat template; `tokenloom generate` continues plain text")
     interactive = sys.stdin is not None and sys.stdin.isatty()
@@ -365,7 +370,7 @@ def cmd_task(args) -> int:
     GenerationConfig.from_dict(params)
     texts = read_texts(args)
     resolve_model(args.model)
-    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device)
+    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     for text in texts:  # one at a time, so results appear as they are ready
         if args.command == "translate":
             out = model.translate(text, source=args.source, target=args.target, **params)
@@ -418,7 +423,7 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise TokenloomError(f"the server needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from None
     resolve_model(args.model)
-    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+    model = tokenloom.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, allow_pickle=args.allow_pickle)
     serve(model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_body_bytes=args.max_body_bytes, model_name=args.served_model_name, log_level=args.log_level)
     return 0

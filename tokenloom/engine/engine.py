@@ -25,8 +25,9 @@ import torch
 
 from tokenloom.engine.request import Request
 from tokenloom.engine.slots import SlotCache, _round
+from tokenloom.models.quant import trim_heap
 
-PREFILL_CHUNK = 256  # prompt tokens per step while other requests are decoding
+PREFILL_CHUNK = 512  # prompt tokens per forward: each chunk expands packed weights once (models/quant.py)
 
 
 class Engine:
@@ -86,6 +87,7 @@ class Engine:
             self._decode_step()
         if not self.has_work:
             self.cache.release()  # idle: memory goes back to its baseline
+            trim_heap()
 
     def _fits(self, request: Request) -> bool:
         return self.live_rows + request.rows_needed <= self.max_batch

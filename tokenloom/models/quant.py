@@ -187,13 +187,21 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     # every product now gives a row the same numbers at any row count (tests/test_quant.py),
     # so the engine need not pad decode steps to a multiple of 4 rows (engine/slots.py)
     model.row_multiple = 1
-    _trim_heap()
+    trim_heap()
     return model
 
 
-def _trim_heap() -> None:
-    """Hand the freed float32 weights back to the OS (glibc keeps freed heap pages otherwise)."""
+def trim_heap() -> None:
+    """Hand freed memory back to the OS: glibc keeps freed heap pages (the float32 weights a
+    load expanded, a prefill's temporaries) in the process otherwise."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
