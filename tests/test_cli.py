@@ -149,6 +149,9 @@ def cases(f: dict[str, Path], stop: str) -> dict[str, dict]:
         "pickle_bfloat16": dict(args=["generate", "-m", f["pickled"], *TOKENS, "--json", "--allow-pickle",
                                       "--dtype", "bfloat16", PROMPT]),
         "closed_stdout": dict(args=["models"], run=closed_stdout),
+        "int4": dict(args=[*m, *TOKENS, "--json", "--quantize", "int4", PROMPT]),
+        "int4_bfloat16": dict(args=[*m, "--quantize", "int4", "--dtype", "bfloat16", PROMPT]),
+        "bad_quantize": dict(args=[*m, "--quantize", "int3", PROMPT]),
         # bad input
         "missing_model": dict(args=["generate", "-m", f["llama"].parent / "no-such-model", PROMPT]),
         "missing_name": dict(args=["generate", "-m", "no-such-model", PROMPT]),
@@ -253,6 +256,15 @@ def test_allow_pickle_and_dtype(runs):
     assert len(g["token_ids"]) == 12 and g["finish_reason"] == "length"
 
 
+def test_quantize_int4_runs_packed_weights_as_the_python_api_does(runs, files):
+    import tokenloom
+
+    packed = tokenloom.load(files["llama"], quantize="int4")
+    ref = packed.generate(PROMPT, max_new_tokens=12, ignore_eos=True)
+    (g,) = json_lines(runs["int4"])
+    assert g["token_ids"] == ref.token_ids and g["text"] == ref.text
+
+
 def test_closed_stdout_ends_quietly(runs):
     """`tokenloom models | head -c0`: no traceback, no 'Exception ignored' noise. (generate's
     output goes through the same handler.)"""
@@ -282,11 +294,13 @@ BAD = {
     "min_above_max": ("min_new_tokens", "4"),
     "empty_stop": ("stop",),
     "pull_unknown": ("no-such-model",),
+    "int4_bfloat16": ("quantize", "int4", "float32", "bfloat16"),
 }
 USAGE = {  # the command line itself is wrong: argparse's checks, status 2
     "unknown_parameter": ("--frobnicate",),
     "not_an_int": ("--max-new-tokens", "many"),
     "bad_dtype": ("--dtype", "float8"),
+    "bad_quantize": ("--quantize", "int3"),
     "no_command": ("COMMAND",),
 }
 

@@ -121,7 +121,10 @@ class Engine:
             return
         # above every row a decode step touches (nothing decodes while the first one prefills)
         row = _round(self.live_rows, self.cache.min_rows) if self.owner else 0
-        self.cache.reserve(row + 1, 1)
+        # room for the requests already waiting too: growing the cache one request at a time
+        # would copy it at every doubling, and the copies briefly hold old and new side by side
+        queued = sum(r.rows_needed for r in self.waiting)
+        self.cache.reserve(max(row + 1, min(self.max_batch, self.live_rows + request.rows_needed + queued)), 1)
         self.cache.clear(row)
         try:
             self.prefilling = _Prefill(self, request, row)
