@@ -1,0 +1,63 @@
+"""The matrix products a SmolLM2-135M step is made of, per kernel, on this CPU.
+
+    python benchmarks/bench_kernels.py [--threads 2] [--reps 3]
+
+For all 30 layers' shapes (qkv 576x960, o 576x576, gate/up 576x3072, down 1536x576), each layer
+with its own random weights so that they come from memory and not from cache, and M rows of
+activations: int4 (`_weight_int4pack_mm_for_cpu`, groups of 32), int8 per channel
+(`_weight_int8pack_mm`), both with bfloat16 activations as tokenloom's decode uses them, and
+float32. Also the output head (576 x 49152) and the cost of expanding every int4 layer to float32
+(what a prefill chunk pays). The CPU capability decides which kernels PyTorch dispatches to, so
+the figures differ a lot between AVX2 and AVX-512 machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from tokenloom.models.quant import Int4Linear, Int8Linear
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in)
+LAYERS = 30
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    weights = [[torch.randn(n, k) * 0.05 for n, k in SHAPES] for _ in range(LAYERS)]
+    int4 = [[Int4Linear(w, None) for w in layer] for layer in weights]
+    int8 = [[Int8Linear(w, None) for w in layer] for layer in weights]
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
+          f"ms for the products of all {LAYERS} layers")
+    print("| rows M | int4 | int8 | float32 |\n|---|---|---|---|")
+    for m in (1, 4, 8, 32):
+        x = {k: torch.randn(m, 1, k) for _, k in SHAPES}
+        row = [timed(lambda: [lin(x[lin.in_features]) for layer in packed for lin in layer], args.reps)
+               for packed in (int4, int8)]
+        row.append(timed(lambda: [x[w.shape[1]] @ w.t() for layer in weights for w in layer], args.reps))
+        print(f"| {m} | " + " | ".join(f"{t:.1f}" for t in row) + " |")
+    expand = timed(lambda: [lin.dense_t() for layer in int4 for lin in layer], args.reps)
+    print(f"\nexpanding every int4 layer to float32 (once per prefill chunk): {expand:.0f} ms")
+    head = torch.randn(49152, 576) * 0.05
+    h8, x1 = Int8Linear(head, None), torch.randn(1, 1, 576)
+    print(f"output head 576x49152, one row: int8 {timed(lambda: h8(x1), 10):.2f} ms, "
+          f"float32 {timed(lambda: x1 @ head.t(), 10):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
