@@ -162,3 +162,30 @@ def test_the_default_gguf_runs_packed_and_matches_the_float_path(smollm2_gguf_pa
     prompt = "The capital of France is"
     cfg = dict(max_new_tokens=12, temperature=0)
     assert fast.generate(prompt, **cfg).text[:20] == ref.generate(prompt, **cfg).text[:20]
+
+
+def test_int8_rows_in_chunks_equals_all_at_once():
+    from tokenloom.models.quant import int8_rows
+
+    w = torch.randn(1000, 64)
+    codes, scale = int8_rows(w, rows=96)
+    ref_scale = (w.abs().amax(-1) / 127).clamp(min=1e-12)
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(codes, (w / ref_scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+
+
+def test_a_consuming_build_empties_the_state_dict_and_builds_the_same_model(tmp_path):
+    """api.load hands its weights over, so fused projections free their parts as they go."""
+    from tokenloom.loading.checkpoint import load_hf_state_dict, read_hf_config
+    from tokenloom.models import build_model
+
+    save_tiny("llama", tmp_path)
+    config = read_hf_config(tmp_path)
+    kept, handed = load_hf_state_dict(tmp_path), load_hf_state_dict(tmp_path)
+    a, b = build_model(config, kept), build_model(config, handed, consume=True)
+    assert handed == {} and len(kept) > 10
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        la = a(ids, torch.arange(3)[None], a.make_cache(1, 3))
+        lb = b(ids, torch.arange(3)[None], b.make_cache(1, 3))
+    assert torch.equal(la, lb)

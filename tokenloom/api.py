@@ -75,7 +75,7 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "
             names = set(GenerationConfig.field_names())
             defaults = {k: v for k, v in config.items() if k in names}
         tokenizer = Tokenizer.from_folder(source.path, generation_config=defaults, config=config)
-    network = build_model(config, weights, torch_dtype).to(device_t)
+    network = build_model(config, weights, torch_dtype, consume=True).to(device_t)
     del weights
     if mode is not None:
         from tokenloom.models.quant import quantize_model

@@ -39,14 +39,29 @@ def model_module(model_type: str | None):
     return importlib.import_module(f"tokenloom.models.{ARCHITECTURES[model_type]}")
 
 
-def build_model(config: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
-    """Instantiate the architecture named by `config["model_type"]` and load `weights` (HF names)."""
+class _Handover(dict):
+    """A state dict that lets go of each tensor as `sanitize` reads it: the projections it fuses
+    into new tensors are then freed one layer at a time, not all at the end (a load's peak)."""
+
+    def items(self):
+        for k in list(self):
+            yield k, self.pop(k)
+
+
+def build_model(config: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                consume: bool = False):
+    """Instantiate the architecture named by `config["model_type"]` and load `weights` (HF names).
+
+    With `consume`, `weights` is emptied on the way, so it holds nothing the model does not."""
     config = text_config(config)
     module = model_module(config.get("model_type"))
     args = module.Model.Args.from_config(config)
     with torch.device("meta"):
         model = module.Model(args)
-    weights = module.Model.sanitize(dict(weights), args)
+    source = _Handover(weights) if consume else dict(weights)
+    if consume:
+        weights.clear()
+    weights = module.Model.sanitize(source, args)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     load_weights(model, weights)
     return model.eval()

@@ -53,11 +53,18 @@ def int4_groups(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torc
     return codes, scale, lo + 8 * scale
 
 
-def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (N, K) -> codes (N, K) int8, scales (N,) float32."""
-    wf = w.float()
-    scale = (wf.abs().amax(-1) / 127).clamp(min=1e-12)
-    return (wf / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+def int8_rows(w: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (N, K) -> codes (N, K) int8, scales (N,) float32.
+
+    Done `rows` at a time: a vocabulary-sized table would otherwise need two float32 copies."""
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0])
+    for i in range(0, w.shape[0], rows):
+        wf = w[i:i + rows].float()
+        s = (wf.abs().amax(-1) / 127).clamp(min=1e-12)
+        codes[i:i + rows] = (wf / s[:, None]).round_().clamp_(-127, 127)
+        scale[i:i + rows] = s
+    return codes, scale
 
 
 @functools.cache
@@ -171,20 +178,21 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         raise ValueError(f"unknown quantization {mode!r} (allowed: {', '.join(MODES)})")
     head = getattr(model, "lm_head", None)
     # only plain tables: subclasses (BART's learned positions) read their weight themselves
-    embeds = [(name, m) for name, m in model.named_modules() if type(m) is nn.Embedding]
-    tied = [(name, m) for name, m in embeds if head is not None and m.weight.data_ptr() == head.weight.data_ptr()]
+    embeds = [name for name, m in model.named_modules() if type(m) is nn.Embedding]
+    tied = [name for name in embeds
+            if head is not None and model.get_submodule(name).weight.data_ptr() == head.weight.data_ptr()]
     with torch.no_grad():
-        for name, m in embeds:
-            if (name, m) not in tied:
-                _replace(model, name, Int8Embedding(*int8_rows(m.weight)))
-        for name, m in list(model.named_modules()):
-            if not isinstance(m, nn.Linear):
-                continue
+        for name in embeds:
+            if name not in tied:
+                _replace(model, name, Int8Embedding(*int8_rows(model.get_submodule(name).weight)))
+        # by name, holding no module between iterations: each float weight is freed once packed
+        for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+            m = model.get_submodule(name)
             int4 = mode == "int4" and m is not head and int4_supported(m.out_features, m.in_features)
             new = (Int4Linear if int4 else Int8Linear)(m.weight, m.bias)
             _replace(model, name, new)
             if m is head:
-                for ename, _ in tied:
+                for ename in tied:
                     _replace(model, ename, Int8Embedding(new.weight_int8, new.scales))
     # every product now gives a row the same numbers at any row count (tests/test_quant.py),
     # so the engine need not pad decode steps to a multiple of 4 rows (engine/slots.py)
