@@ -80,10 +80,8 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "
     if mode is not None:
         from tokenloom.models.quant import quantize_model
         quantize_model(network, mode)
-    out = Model(network, tokenizer, GenerationConfig.from_model_defaults(defaults), name=source.name,
-                path=source.path, dtype=torch_dtype, device=device_t, config=config)
-    out.quantization = mode
-    return out
+    return Model(network, tokenizer, GenerationConfig.from_model_defaults(defaults), name=source.name,
+                 path=source.path, dtype=torch_dtype, device=device_t, config=config, quantization=mode)
 
 
 def _prompt_list(prompt) -> list:
@@ -98,11 +96,12 @@ class Model:
     """A loaded model with its tokenizer and default generation settings."""
 
     def __init__(self, network, tokenizer, defaults: GenerationConfig, *, name: str = "model",
-                 path: Path | None = None, dtype=torch.float32, device=torch.device("cpu"), config: dict | None = None):
+                 path: Path | None = None, dtype=torch.float32, device=torch.device("cpu"), config: dict | None = None,
+                 quantization: str | None = None):
         self.network, self.tokenizer, self.defaults = network, tokenizer, defaults
         self.name, self.path, self.dtype, self.device = name, path, dtype, device
         self.config = config or {}
-        self.quantization: str | None = None  # "int4" / "int8" when the weights run packed
+        self.quantization = quantization  # "int4" / "int8" when the weights run packed
 
     @property
     def context_length(self) -> int:

@@ -12,7 +12,8 @@ is a warm-up (allocation, kernel choice) and the median of the rest is reported:
   beam4     = N / time of a 4-beam search from one 32-token prompt
 Memory: a thread in each runner reads /proc/self/statm every 10 ms while it generates; the
 runtime baseline is the RSS after importing the engine, before loading the model. tokenloom's
-budget is baseline + 1.5 x the weight file + its KV cache (the largest the engine allocated).
+budget is baseline + 1.5 x the weight file + the KV cache the workload needs (what the engine
+allocated is shown beside it: over-allocation counts against the budget).
 Agreement: the first 32 greedy tokens of 8 short plain-text prompts, compared with llama.cpp's.
 
 The llama.cpp runner is benchmarks/llama_cpp_runner.py, run by the python of a separate venv

@@ -89,7 +89,32 @@ def int4_supported(out_features: int, in_features: int) -> bool:
     return block is not None and in_features % GROUP == 0 and out_features % block == 0
 
 
-class Int4Linear(nn.Module):
+class _PackedLinear(nn.Module):
+    """What the int4 and int8 layers share: the choice of kernel by input shape, and the bias."""
+
+    out_features: int
+    in_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if _is_prefill(x):  # float32 GEMM on weights expanded for this product
+            out = torch.mm(x2, self.dense_t())
+        else:
+            out = self.packed_mm(x2.bfloat16()).to(x.dtype)
+        out = out.view(*shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, in) bfloat16 -> (M, out) bfloat16, straight from the packed weights."""
+        raise NotImplementedError
+
+    def dense_t(self) -> torch.Tensor:
+        """The weights as float32, transposed: (in, out)."""
+        raise NotImplementedError
+
+
+class Int4Linear(_PackedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -99,19 +124,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16())
         self.register_buffer("bias", None if bias is None else bias.float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if _is_prefill(x):  # float32 GEMM on weights expanded for this product
-            out = torch.mm(x2, self.dense_t())
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.bfloat16(), self.packed, GROUP,
-                                                              self.scales_zeros).to(x.dtype)
-        out = out.view(*shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
 
     def dense_t(self) -> torch.Tensor:
-        """The weights as float32, transposed: (in, out), read straight from the packed layout."""
+        """Read straight from the packed layout (see `int4_block`), written in (in, out) order."""
         n, k, b = self.out_features, self.in_features, int4_block()
         q = self.packed.view(n // b, k, b // 2).permute(1, 0, 2).reshape(k // GROUP, GROUP, n // b, b // 2)
         sz = self.scales_zeros.float()  # (K // group, N, 2)
@@ -127,7 +144,7 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_PackedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -136,15 +153,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scale.bfloat16())
         self.register_buffer("bias", None if bias is None else bias.float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if _is_prefill(x):
-            out = F.linear(x2, torch.mul(self.weight_int8, self.scales.float()[:, None]))
-        else:
-            out = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.scales).to(x.dtype)
-        out = out.view(*shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+
+    def dense_t(self) -> torch.Tensor:
+        return torch.mul(self.weight_int8, self.scales.float()[:, None]).t()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
