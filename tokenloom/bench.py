@@ -364,8 +364,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="N, new tokens for decode and beams (default: 64)")
     ap.add_argument("--quick", action="store_true", help="1 rep and 32 new tokens (unless given)")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
-    ap.add_argument("--tokenloom-quantize", default="auto", choices=["auto", "none", "int8", "int4"],
-                    help="tokenloom's weights: auto (packed int4/int8 for a quantized GGUF), none (float32), ...")
+    ap.add_argument("--tokenloom-quantize", default="auto", choices=["auto", "none", "int8", "int4", "w8a8"],
+                    help="tokenloom's weights: auto (packed int4/int8 for a quantized GGUF), none (float32), "
+                         "int8/int4/w8a8 (default: auto)")
     ap.add_argument("--llama-python", help="python of the llama-cpp-python venv "
                     "(default: benchmarks/.venv-llama/bin/python when it exists)")
     ap.add_argument("--json", help="write the results here (default: benchmarks/results/speed-<timestamp>.json)")
