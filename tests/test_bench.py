@@ -53,8 +53,8 @@ def test_budget_is_baseline_plus_one_and_a_half_weights_plus_kv(run):
     assert r["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     assert r["kv_bytes"] == 32 * r["kv_bytes_per_token"]
     assert r["budget"] == pytest.approx(r["baseline_rss"] + 1.5 * weights + r["kv_bytes"])
-    # what the engine allocated: whole rows of 128 columns
-    assert r["kv_allocated_bytes"] > 0 and r["kv_allocated_bytes"] % (128 * r["kv_bytes_per_token"]) == 0
+    # what the engine allocated: whole rows of 16 columns (engine/slots.py: CPU_BLOCK)
+    assert r["kv_allocated_bytes"] > 0 and r["kv_allocated_bytes"] % (16 * r["kv_bytes_per_token"]) == 0
 
 
 def test_same_ids_give_same_greedy_tokens(run):
@@ -85,3 +85,26 @@ def test_agreement_counts_identical_runs_and_common_prefixes():
 def test_unknown_engine_is_one_line_error(capsys):
     assert cli.main(["bench", "--engines", "tokenloom,vllm"]) == 1
     assert "unknown engine vllm" in capsys.readouterr().err
+
+
+def test_several_quantize_settings_get_a_column_and_ratios_each():
+    def result(prefill, rss):
+        return {"tok_s": {"prefill": prefill, "decode_b1": 2.0}, "peak_rss": rss, "baseline_rss": 100,
+                "kv_bytes_per_token": 10, "kv_allocated_bytes": 20}
+    results = {"tokenloom int4": result(30.0, 300), "tokenloom w8a8": result(60.0, 400),
+               "transformers": result(20.0, 500), "llama.cpp": {"error": "not available"}}
+    spec = {"prefill": [1] * 16, "batches": {1: [[1] * 4]}, "beams": 1, "new_tokens": 4, "beam_prompt": [1] * 4,
+            "agree_prompts": [[1]], "agree_tokens": 2, "reps": 1, "threads": 1, "path": "m.gguf"}
+    bench.summarize(results, spec, weights=1000)
+    text = bench.table(results, spec, type("Args", (), {"model": "m"}), weights=1000)
+    assert text.splitlines()[0] == (
+        "| measurement | tokenloom int4 | tokenloom w8a8 | transformers | llama.cpp | tokenloom int4 / transformers "
+        "| tokenloom int4 / llama.cpp | tokenloom w8a8 / transformers | tokenloom w8a8 / llama.cpp |")
+    prefill = next(line for line in text.splitlines() if line.startswith("| prefill"))
+    assert prefill == "| prefill 16-token prompt (tok/s) | 30.0 | 60.0 | 20.0 | not available | 1.50x | — | 3.00x | — |"
+    assert "tokenloom w8a8 budget" in text and "tokenloom int4 budget" in text
+
+
+def test_a_bad_quantize_setting_is_named(capsys):
+    assert cli.main(["bench", "--tokenloom-quantize", "int4,int3"]) == 1
+    assert "--tokenloom-quantize: invalid int3" in capsys.readouterr().err

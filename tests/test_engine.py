@@ -245,3 +245,38 @@ def test_a_failed_request_raises_for_its_reader(llama, monkeypatch):
         assert sum(len(d.token_ids) for d in ok) >= 1
     finally:
         service.shutdown()
+
+
+def test_one_token_attention_ignores_masked_columns_at_any_multiple_of_the_block():
+    """The premise of the cache's CPU_BLOCK (engine/slots.py): the width a step attends over
+    depends on the longest neighbour, so it must not change a row's numbers."""
+    from tokenloom.engine.slots import CPU_BLOCK
+    from tokenloom.models.base import attend
+
+    g = torch.Generator().manual_seed(0)
+    for length in (5, 37, 130):
+        q = torch.randn(2, 6, 1, 16, generator=g)
+        k, v = torch.randn(2, 2, 600, 16, generator=g), torch.randn(2, 2, 600, 16, generator=g)
+        widths = range(-(-length // CPU_BLOCK) * CPU_BLOCK, 600, CPU_BLOCK)
+        outs = []
+        for w in widths:
+            mask = torch.zeros(2, 1, 1, w, dtype=torch.bool)
+            mask[..., :length] = True
+            outs.append(attend(q, k[:, :, :w], v[:, :, :w], mask, None))
+        assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_the_cache_allocates_what_is_needed_and_grows_in_place(llama):
+    from tokenloom.engine.slots import CPU_BLOCK, SlotCache
+
+    cache = SlotCache(llama.network, torch.float32, "cpu")
+    cache.reserve(3, 20)
+    assert (cache.rows, cache.width) == (4, 2 * CPU_BLOCK)  # float products: rows in fours (MIN_ROWS)
+    for t in cache.k + cache.v:
+        t.normal_()
+    before = [t.clone() for t in cache.k + cache.v]
+    keys = cache.k
+    cache.reserve(3, 2 * CPU_BLOCK + 1)
+    assert cache.k is keys and cache.width == 3 * CPU_BLOCK and cache.rows == 4  # only the width grew
+    for old, new in zip(before, cache.k + cache.v):
+        assert torch.equal(new[:, :, :2 * CPU_BLOCK], old) and not new[:, :, 2 * CPU_BLOCK:].any()

@@ -231,8 +231,7 @@ def make_spec(args, source) -> dict:
     return {"model": str(args.model), "path": str(source.path), "threads": args.threads, "reps": args.reps,
             "new_tokens": args.new_tokens, "prefill": stream[:args.prefill_tokens], "batches": prompts,
             "beams": args.beams, "beam_prompt": prompts[batches[0]][0], "agree_tokens": args.agree_tokens,
-            "agree_prompts": [tok.encode(p, add_special_tokens=False) for p in AGREEMENT_PROMPTS],
-            "quantize": args.tokenloom_quantize}
+            "agree_prompts": [tok.encode(p, add_special_tokens=False) for p in AGREEMENT_PROMPTS]}
 
 
 def llama_python(args) -> Path | None:
@@ -287,25 +286,32 @@ def workload_tokens(spec: dict) -> int:
                + [sum(len(p) + n for p in prompts) for prompts in spec["batches"].values()])
 
 
+def ours(results: dict) -> list[str]:
+    """The tokenloom columns: "tokenloom", or "tokenloom <quantize>" for each of several settings."""
+    return [e for e in results if e.startswith("tokenloom")]
+
+
 def summarize(results: dict, spec: dict, weights: int) -> None:
     """Add the budget and the greedy agreement (with llama.cpp) to the results, in place.
 
     The budget's KV term is what the workload needs, not what the engine allocated: an engine
     that over-allocates should show up as over budget."""
-    tl = results.get("tokenloom", {})
-    if "error" not in tl and tl:
-        tl["kv_bytes"] = tl["kv_bytes_per_token"] * workload_tokens(spec)
-        tl["budget"] = tl["baseline_rss"] + 1.5 * weights + tl["kv_bytes"]
+    for e in ours(results):
+        tl = results[e]
+        if "error" not in tl:
+            tl["kv_bytes"] = tl["kv_bytes_per_token"] * workload_tokens(spec)
+            tl["budget"] = tl["baseline_rss"] + 1.5 * weights + tl["kv_bytes"]
     ref = results.get("llama.cpp", {})
-    for engine in ("tokenloom", "transformers"):
+    for engine in [*ours(results), "transformers"]:
         r = results.get(engine, {})
         if r and "error" not in r and ref and "error" not in ref:
             r["agreement"] = agreement(r["greedy"], ref["greedy"], spec["agree_tokens"])
 
 
 def table(results: dict, spec: dict, args, weights: int) -> str:
-    engines = [e for e in ENGINES if e in results]
-    others = [e for e in engines if e != "tokenloom"] if "tokenloom" in engines else []  # ratio columns
+    mine = ours(results)
+    engines = mine + [e for e in ENGINES[1:] if e in results]
+    ratios = [(a, b) for a in mine for b in engines if b not in mine]  # ratio columns
     mb = 1 / 2**20
 
     def value(r: dict, key: str, scale: float = 1.0) -> float | None:
@@ -318,39 +324,43 @@ def table(results: dict, spec: dict, args, weights: int) -> str:
         rows.append((f"beam{spec['beams']}", f"beam search, {spec['beams']} beams (tok/s)", 1.0))
     rows += [("peak_rss", "peak RSS while generating (MB)", mb), ("baseline_rss", "runtime baseline RSS (MB)", mb),
              ("budget", "budget: runtime + 1.5 x weight file + KV (MB)", mb)]
-    head = ["measurement", *engines, *[f"tokenloom / {e}" for e in others]]
+    head = ["measurement", *engines, *[f"{a} / {b}" for a, b in ratios]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def number(e: str, key: str, scale: float) -> float | None:
+        return None if "error" in results[e] else value(results[e], key, scale)
+
     for key, label, scale in rows:
-        cells, ours = [], value(results.get("tokenloom", {}), key, scale)
+        cells = []
         for e in engines:
-            r = results[e]
-            v = None if "error" in r else value(r, key, scale)
-            cells.append(r["error"] if "error" in r else ("—" if v is None else f"{v:.1f}"))
-        for e in others:
-            v = None if "error" in results[e] else value(results[e], key, scale)
-            cells.append(f"{ours / v:.2f}x" if ours and v else "—")
+            v = number(e, key, scale)
+            cells.append(results[e]["error"] if "error" in results[e] else ("—" if v is None else f"{v:.1f}"))
+        for a, b in ratios:
+            x, y = number(a, key, scale), number(b, key, scale)
+            cells.append(f"{x / y:.2f}x" if x and y else "—")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    tl = results.get("tokenloom", {})
-    kv = f"{tl['kv_bytes'] * mb:.1f} / {tl['kv_allocated_bytes'] * mb:.1f}" if "kv_bytes" in tl else "—"
-    cells = [kv if e == "tokenloom" and "kv_bytes" in tl else results[e].get("error", "—") for e in engines]
+    cells = [f"{results[e]['kv_bytes'] * mb:.1f} / {results[e]['kv_allocated_bytes'] * mb:.1f}"
+             if "kv_bytes" in results[e] else results[e].get("error", "—") for e in engines]
     lines.append("| KV cache: the workload needs / the engine allocated (MB) | "
-                 + " | ".join(cells + ["—"] * len(others)) + " |")
+                 + " | ".join(cells + ["—"] * len(ratios)) + " |")
     cells = []
     for e in engines:
         a = results[e].get("agreement")
         cells.append(f"{a['identical']}/{a['prompts']} (mean common prefix {a['mean_common_prefix']:.1f})" if a
                      else results[e].get("error", "—"))
     lines.append(f"| greedy agreement with llama.cpp (first {spec['agree_tokens']} tokens identical) | "
-                 + " | ".join(cells + ["—"] * len(others)) + " |")
+                 + " | ".join(cells + ["—"] * len(ratios)) + " |")
 
     notes = [f"model {args.model} ({Path(spec['path']).name}, {weights * mb:.1f} MB), threads={spec['threads']}, "
              f"median of {spec['reps']} after a warm-up, {spec['new_tokens']} new tokens, "
              f"{len(spec['beam_prompt'])}-token prompts for decode and beams"]
     notes += [f"{e}: {results[e]['info']}" for e in engines if "info" in results[e]]
-    if "budget" in tl:
-        notes.append(f"tokenloom budget = {tl['baseline_rss'] * mb:.1f} + 1.5 x {weights * mb:.1f} + "
-                     f"{tl['kv_bytes'] * mb:.1f} (KV for {workload_tokens(spec)} tokens) MB; peak RSS is "
-                     f"{tl['peak_rss'] / tl['budget']:.0%} of it")
+    for e in mine:
+        tl = results[e]
+        if "budget" in tl:
+            notes.append(f"{e} budget = {tl['baseline_rss'] * mb:.1f} + 1.5 x {weights * mb:.1f} + "
+                         f"{tl['kv_bytes'] * mb:.1f} (KV for {workload_tokens(spec)} tokens) MB; peak RSS is "
+                         f"{tl['peak_rss'] / tl['budget']:.0%} of it")
     notes += [f"{e}: {results[e]['why']}" for e in engines if "why" in results[e]]
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
@@ -364,9 +374,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="N, new tokens for decode and beams (default: 64)")
     ap.add_argument("--quick", action="store_true", help="1 rep and 32 new tokens (unless given)")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
-    ap.add_argument("--tokenloom-quantize", default="auto", choices=["auto", "none", "int8", "int4", "w8a8"],
+    ap.add_argument("--tokenloom-quantize", default="auto",
                     help="tokenloom's weights: auto (packed int4/int8 for a quantized GGUF), none (float32), "
-                         "int8/int4/w8a8 (default: auto)")
+                         "int8, int4 or w8a8; several, comma-separated, give a column each (default: auto)")
     ap.add_argument("--llama-python", help="python of the llama-cpp-python venv "
                     "(default: benchmarks/.venv-llama/bin/python when it exists)")
     ap.add_argument("--json", help="write the results here (default: benchmarks/results/speed-<timestamp>.json)")
@@ -379,6 +389,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed arguments describe; print the table, write the JSON."""
+    from tokenloom.api import QUANTIZE
     from tokenloom.errors import TokenloomError
     from tokenloom.loading.resolve import resolve_model
 
@@ -388,12 +399,25 @@ def run(args: argparse.Namespace) -> int:
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
         raise TokenloomError(f"--engines: unknown engine {', '.join(unknown) or '(none)'} (allowed: {', '.join(ENGINES)})")
+    quantize = [q.strip() for q in args.tokenloom_quantize.split(",") if q.strip()]
+    bad = [q for q in quantize if q not in QUANTIZE]
+    if bad or not quantize:
+        raise TokenloomError(f"--tokenloom-quantize: invalid {', '.join(bad) or '(none)'} "
+                             f"(allowed: {', '.join(QUANTIZE)}, comma-separated)")
     if args.new_tokens < 2 or args.reps < 1:
         raise TokenloomError("--new-tokens must be at least 2 and --reps at least 1")
     source = resolve_model(args.model)
     spec = make_spec(args, source)
     weights = weight_bytes(source)
-    results = {e: run_engine(e, spec, args, source) for e in ENGINES if e in engines}
+    results = {}
+    for e in ENGINES:
+        if e not in engines:
+            continue
+        if e != "tokenloom":
+            results[e] = run_engine(e, spec, args, source)
+            continue
+        for q in quantize:
+            results[e if len(quantize) == 1 else f"tokenloom {q}"] = run_engine(e, {**spec, "quantize": q}, args, source)
     summarize(results, spec, weights)
     print(table(results, spec, args, weights), flush=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -9,9 +9,10 @@ prefill chunk, `step_view` for one token of rows ``[0, n)``.
 Batch invariance: a sequence's numbers must not depend on its neighbours. MKL's matrix products
 give a row the same result in any batch whose row count is a multiple of 4 (below 4 rows, and
 in a trailing block of 1-3 rows, it takes other kernels: measured with torch 2.13, 2 threads), and
-attention over a width that is a multiple of BLOCK gives the same sums whatever the width,
-because the extra columns are masked. So a step covers a multiple of MIN_ROWS rows (free rows run as
-padding) and a BLOCK-rounded width. A model whose products are all row-independent at any row
+one-token attention over a width that is a multiple of the block gives the same sums whatever
+the width, because the extra columns are masked (on CPU any multiple of 8 columns did, for widths
+up to 2,000, one and four rows: 16 leaves room for 16-lane vectors; other devices keep 128). So a
+step covers a multiple of MIN_ROWS rows (free rows run as padding) and a block-rounded width. A model whose products are all row-independent at any row
 count (the packed int4/int8 kernels, models/quant.py) says so with `row_multiple = 1`, and its
 steps cover just the live rows.
 
@@ -23,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 128  # attention widths (self and cross) are rounded up to this
+BLOCK = 128  # attention widths (self and cross) are rounded up to this ...
+CPU_BLOCK = 16  # ... or this on CPU: the KV cache is not allocated past what a workload needs
 MIN_ROWS = 4  # a decode step covers a multiple of this many rows (free rows run as padding)
 
 
@@ -36,6 +38,7 @@ class SlotCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.encoder_decoder = getattr(model, "is_encoder_decoder", False)
         self.min_rows = getattr(model, "row_multiple", MIN_ROWS)
+        self.block = CPU_BLOCK if self.device.type == "cpu" else BLOCK
         probe = model.make_cache(1, 1, dtype, device)
         self.kshapes = [(k.shape[1], k.shape[3]) for k in probe.k]
         self.vshapes = [(v.shape[1], v.shape[3]) for v in probe.v]
@@ -62,25 +65,28 @@ class SlotCache:
 
     def reserve(self, rows: int, width: int, mem_width: int = 0) -> None:
         """Make room for `rows` rows of `width` columns (and `mem_width` source columns)."""
-        rows, width = _round(rows, self.min_rows), _round(width, BLOCK)
-        mem_width = _round(mem_width, BLOCK) if self.encoder_decoder else 0
+        rows, width = _round(rows, self.min_rows), _round(width, self.block)
+        mem_width = _round(mem_width, self.block) if self.encoder_decoder else 0
         if rows <= self.rows and width <= self.width and mem_width <= self.mem_width \
                 and (self.cross_k or not self.cross_shapes):
             return
         # grow geometrically, so that growing is rare, but each axis only when it must
         new_rows = self.rows if rows <= self.rows else max(rows, min(2 * self.rows, rows + self.rows))
-        new_width = self.width if width <= self.width else max(width, _round(self.width * 5 // 4, BLOCK))
+        new_width = self.width if width <= self.width else max(width, _round(self.width * 5 // 4, self.block))
         new_mem = max(mem_width, self.mem_width)
 
         def grow(old: list[torch.Tensor], shapes, cols: int) -> list[torch.Tensor]:
-            out = []
+            # a layer at a time, in place: the old cache is freed as the new one fills, so
+            # growing costs one layer of extra memory, not a second copy of the whole cache
             for i, (h, d) in enumerate(shapes):
                 t = torch.zeros(new_rows, h, cols, d, dtype=self.dtype, device=self.device)
-                if old:
+                if i < len(old):
                     o = old[i]
                     t[:o.shape[0], :, :o.shape[2]] = o
-                out.append(t)
-            return out
+                    old[i] = t
+                else:
+                    old.append(t)
+            return old
 
         self.k, self.v = grow(self.k, self.kshapes, new_width), grow(self.v, self.vshapes, new_width)
         pos = torch.full((new_rows, new_width), -1, dtype=torch.long, device=self.device)
@@ -163,7 +169,7 @@ class _CrossMixin:
         c = self.cache
         if not c.cross_k:
             return [], [], None
-        mw = _round(max(c.mem_lengths[rows]), BLOCK)
+        mw = _round(max(c.mem_lengths[rows]), c.block)
         return ([t[rows, :, :mw] for t in c.cross_k], [t[rows, :, :mw] for t in c.cross_v],
                 c.memory_mask[rows, :mw])
 
@@ -199,7 +205,7 @@ class _StepView(_CrossMixin):
         self.cache, self.n, self.live = cache, n, live
         self.cols = torch.tensor(cache.lengths[:n], device=cache.device)
         self.ar = torch.arange(n, device=cache.device)
-        self.end = _round(max(cache.lengths[:n]) + 1, BLOCK)
+        self.end = _round(max(cache.lengths[:n]) + 1, cache.block)
         self.cross_k, self.cross_v, self.memory_mask = self._cross(slice(0, n))
         self._slots: dict[int, torch.Tensor] = {}
 

@@ -17,7 +17,6 @@ from typing import Literal
 
 from tokenloom.errors import ModelLoadError, ModelNotFoundError
 from tokenloom.loading import registry
-from tokenloom.loading.hub import resolve_hub_id
 
 GGUF_MAGIC = b"GGUF"
 
@@ -49,6 +48,8 @@ def resolve_model(spec: str | os.PathLike, progress: bool = True) -> ModelSource
 
     match = _HUB_ID.fullmatch(text)
     if match and not isinstance(spec, os.PathLike) and not _looks_like_path(text):
+        from tokenloom.loading.hub import resolve_hub_id  # huggingface_hub and its HTTP stack: only when used
+
         folder = resolve_hub_id(match["repo"], match["revision"], progress=progress)
         return classify_path(folder, name=text)
 
