@@ -32,6 +32,7 @@ from torch import nn
 GROUP = 32  # int4 group size along the input: that of Q4_0 / Q4_1 / the Q4_K sub-blocks
 MODES = ("int4", "int8", "w8a8")
 DENSE_MIN = 64  # a prefill of at least this many tokens runs on weights expanded to float32
+A_MAX = 63  # w8a8: activations are scaled per row to [-A_MAX, A_MAX] (7 bits, see W8A8Linear)
 
 
 def _is_prefill(x: torch.Tensor) -> bool:
@@ -175,18 +176,18 @@ class W8A8Linear(nn.Module):
     Unlike the weight-only layers its cost grows slowly with the number of rows (batch 32 or a
     prefill), because the products are integer, not bfloat16. Activations are quantized per row,
     never per tensor, so a row's numbers do not depend on its neighbours: each row is scaled to
-    [-127, 127] by its own absolute maximum and sent as two rows, its rounding and its rounding
-    error times 254, which together carry ~15 bits (one 8-bit row alone cost +1.5% perplexity on
-    the default model; the pair, -0.04%). Integer sums are exact, so the result does not depend on
-    how the kernel blocks the rows either. The weights use 7 bits ([-63, 63], per output channel):
-    the kernel adds pairs of uint8 x int8 products in int16, which a full 8-bit weight could
-    overflow.
+    [-63, 63] by its own absolute maximum and sent as two rows, its rounding and its rounding
+    error times 126, which together carry ~13 bits (one 8-bit row alone cost +1.5% perplexity on
+    the default model). Integer sums are exact, so the result does not depend on how the kernel
+    blocks the rows either. Activations get 7 bits per row, not 8, so that the weights can keep 8
+    (per output channel, as the int8 layers): the kernel adds pairs of uint8 x int8 products in
+    int16, which 8 x 8 bits could overflow.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        codes, scale = int8_rows(weight, qmax=63)
+        codes, scale = int8_rows(weight)
         with warnings.catch_warnings():  # quantized tensors are deprecated, their kernels are not gone
             warnings.simplefilter("ignore", UserWarning)
             qw = torch._make_per_channel_quantized_tensor(
@@ -201,11 +202,12 @@ class W8A8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         m = x2.shape[0]
         amax = x2.abs().amax(-1, keepdim=True).clamp_(min=1e-30)
-        u = x2 * (127 / amax)
+        u = x2 * (A_MAX / amax)
         q = u.round()
-        rows = torch.cat([q, (u - q).mul_(254)])  # |u - q| <= 1/2: the error fills [-127, 127] too
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, 1.0, 128, self._packed)
-        out = torch.add(y[:m], y[m:], alpha=1 / 254).mul_(amax / 127)
+        rows = torch.cat([q, (u - q).mul_(2 * A_MAX)])  # |u - q| <= 1/2: the error fills the range too
+        # codes q + 64 in [1, 127]: "quantized" with scale 1 and zero point 64, exactly
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, 1.0, A_MAX + 1, self._packed)
+        out = torch.add(y[:m], y[m:], alpha=1 / (2 * A_MAX)).mul_(amax / A_MAX)
         out = out.view(*shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
