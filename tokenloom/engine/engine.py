@@ -25,8 +25,9 @@ import torch
 
 from tokenloom.engine.request import Request
 from tokenloom.engine.slots import SlotCache, _round
-from tokenloom.models.quant import trim_heap
+from tokenloom.heap import trim_heap
 
+TRIM_GROWTH = 4 << 20  # once the process grew this much, freed heap memory goes back to the OS (heap.py)
 PREFILL_CHUNK = 512  # prompt tokens per forward: each chunk expands packed weights once (models/quant.py)
 
 
@@ -87,9 +88,7 @@ class Engine:
             self._decode_step()
         if not self.has_work:
             self.cache.release()  # idle: memory goes back to its baseline
-        # glibc keeps up to 64 MB of freed temporaries per arena unless asked: at batch 32 that
-        # was 40 MB of peak RSS; asking costs ~0.1 ms (benchmarks/bench_speed.py, peak RSS)
-        trim_heap()
+        trim_heap(0 if not self.has_work else TRIM_GROWTH)
 
     def _fits(self, request: Request) -> bool:
         return self.live_rows + request.rows_needed <= self.max_batch

@@ -120,8 +120,12 @@ class SlotCache:
 
     def copy_rows(self, src: list[int], dst: list[int]) -> None:
         """Row dst[i] becomes a copy of row src[i] (all copies read before any write)."""
-        if not src:
+        # a row copied onto itself stays as it is (a beam that kept its own history): skipping it
+        # is safe, since no other pair writes to that row, and halves a beam step's copying
+        pairs = [(s, d) for s, d in zip(src, dst) if s != d]
+        if not pairs:
             return
+        src, dst = [s for s, _ in pairs], [d for _, d in pairs]
         cols = max(self.lengths[r] for r in src)
         s = torch.tensor(src, device=self.device)
         d = torch.tensor(dst, device=self.device)

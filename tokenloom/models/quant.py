@@ -21,13 +21,14 @@ choices more than any other part; a float head would follow llama.cpp's tokens m
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenloom.heap import trim_heap
 
 GROUP = 32  # int4 group size along the input: that of Q4_0 / Q4_1 / the Q4_K sub-blocks
 MODES = ("int4", "int8", "w8a8")
@@ -285,19 +286,3 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     model.row_multiple = 1
     trim_heap()
     return model
-
-
-def trim_heap() -> None:
-    """Hand freed memory back to the OS: glibc keeps freed heap pages (the float32 weights a
-    load expanded, a prefill's temporaries) in the process otherwise."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
