@@ -417,7 +417,8 @@ def run(args: argparse.Namespace) -> int:
             results[e] = run_engine(e, spec, args, source)
             continue
         for q in quantize:
-            results[e if len(quantize) == 1 else f"tokenloom {q}"] = run_engine(e, {**spec, "quantize": q}, args, source)
+            name = e if len(quantize) == 1 else f"tokenloom {q}"
+            results[name] = run_engine(e, {**spec, "quantize": q}, args, source)
     summarize(results, spec, weights)
     print(table(results, spec, args, weights), flush=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

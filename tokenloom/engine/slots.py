@@ -12,9 +12,9 @@ in a trailing block of 1-3 rows, it takes other kernels: measured with torch 2.1
 one-token attention over a width that is a multiple of the block gives the same sums whatever
 the width, because the extra columns are masked (on CPU any multiple of 8 columns did, for widths
 up to 2,000, one and four rows: 16 leaves room for 16-lane vectors; other devices keep 128). So a
-step covers a multiple of MIN_ROWS rows (free rows run as padding) and a block-rounded width. A model whose products are all row-independent at any row
-count (the packed int4/int8 kernels, models/quant.py) says so with `row_multiple = 1`, and its
-steps cover just the live rows.
+step covers a multiple of MIN_ROWS rows (free rows run as padding) and a block-rounded width. A
+model whose products are all row-independent at any row count (the packed kernels,
+models/quant.py) says so with `row_multiple = 1`, and its steps cover just the live rows.
 
 Memory: rows and width grow separately, each only when needed (rows double, width by a quarter),
 and an idle engine releases everything.
