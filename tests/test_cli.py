@@ -150,6 +150,7 @@ def cases(f: dict[str, Path], stop: str) -> dict[str, dict]:
                                       "--dtype", "bfloat16", PROMPT]),
         "closed_stdout": dict(args=["models"], run=closed_stdout),
         "int4": dict(args=[*m, *TOKENS, "--json", "--quantize", "int4", PROMPT]),
+        "w8a8": dict(args=[*m, *TOKENS, "--json", "--quantize", "w8a8", PROMPT]),
         "int4_bfloat16": dict(args=[*m, "--quantize", "int4", "--dtype", "bfloat16", PROMPT]),
         "bad_quantize": dict(args=[*m, "--quantize", "int3", PROMPT]),
         # bad input
@@ -256,12 +257,14 @@ def test_allow_pickle_and_dtype(runs):
     assert len(g["token_ids"]) == 12 and g["finish_reason"] == "length"
 
 
-def test_quantize_int4_runs_packed_weights_as_the_python_api_does(runs, files):
+@pytest.mark.parametrize("mode", ["int4", "w8a8"])
+def test_quantize_runs_packed_weights_as_the_python_api_does(runs, files, mode):
     import tokenloom
 
-    packed = tokenloom.load(files["llama"], quantize="int4")
+    packed = tokenloom.load(files["llama"], quantize=mode)
+    assert packed.quantization == mode
     ref = packed.generate(PROMPT, max_new_tokens=12, ignore_eos=True)
-    (g,) = json_lines(runs["int4"])
+    (g,) = json_lines(runs[mode])
     assert g["token_ids"] == ref.token_ids and g["text"] == ref.text
 
 

@@ -184,6 +184,16 @@ def test_bad_quantize_settings_are_refused_by_name(tmp_path):
         tokenloom.load(tmp_path, quantize="int4", dtype="bfloat16")
 
 
+def test_w8a8_without_fbgemm_is_refused_by_name(tmp_path, monkeypatch):
+    from tokenloom.models import quant
+
+    save_tiny("llama", tmp_path)
+    monkeypatch.setattr(quant, "w8a8_supported", lambda: False)  # an ARM CPU, say
+    with pytest.raises(TokenloomError, match="quantize 'w8a8' needs PyTorch's FBGEMM.*use 'int8' or 'int4'"):
+        tokenloom.load(tmp_path, quantize="w8a8")
+    assert tokenloom.load(tmp_path, quantize="int4").quantization == "int4"  # the rest keeps working
+
+
 @pytest.mark.slow
 def test_the_default_gguf_runs_packed_and_matches_the_float_path(smollm2_gguf_path):
     from tokenloom.loading.gguf import quantization_mode, read_gguf
