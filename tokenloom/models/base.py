@@ -87,7 +87,11 @@ def rope_inv_freq(params: dict, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class Rotary:
-    """cos/sin for arbitrary position ids; applied the HF way (rotate_half, non-interleaved)."""
+    """cos/sin for arbitrary position ids; applied the HF way (rotate_half, non-interleaved).
+
+    The sin table comes with rotate_half's sign folded in (-sin on the first half), so that
+    `apply_rotary` needs one roll instead of two slices, a negation and a cat: 90 fewer ops
+    per decode step of a 30-layer model, with the same bits (a sign moves between factors)."""
 
     def __init__(self, params: dict, head_dim: int):
         self.inv_freq, self.scale = rope_inv_freq(params, head_dim)
@@ -97,13 +101,14 @@ class Rotary:
             self.inv_freq = self.inv_freq.to(position_ids.device)
         freqs = position_ids.clamp(min=0)[..., None].float() * self.inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        sin = emb.sin() * self.scale
+        sin[..., :sin.shape[-1] // 2].neg_()
+        return (emb.cos() * self.scale).to(dtype), sin.to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) = roll(x) * (-1, 1)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 # ---------------------------------------------------------------------------- masks & attention
