@@ -127,6 +127,22 @@ def test_long_prompts_are_prefilled_in_chunks_while_others_stream(llama):
     assert c.tokens(late.id) == alone(llama, long_prompt, max_new_tokens=4, ignore_eos=True)[0]
 
 
+def test_requests_that_arrive_together_start_together_within_the_prompt_budget(llama):
+    c = Collector(llama, prefill_chunk=32)
+    sizes = [len(llama.encode_prompts([p])[0]) for p in PROMPTS[:8]]
+    assert max(sizes) <= 32  # each prompt is one chunk
+    reqs = [c.add(p, max_new_tokens=4, ignore_eos=True) for p in PROMPTS[:8]]
+    c.engine.step()
+    started = [bool(c.deltas[r.id]) for r in reqs]
+    # requests are read in order until 32 prompt tokens were read: the one crossing it is the last
+    n = next(i + 1 for i in range(8) if sum(sizes[:i + 1]) >= 32)
+    assert 1 < n < 8 and started == [True] * n + [False] * (8 - n)
+    assert c.engine.live_rows == n and len(c.engine.waiting) == 8 - n
+    c.run()
+    for p, r in zip(PROMPTS, reqs):
+        assert c.tokens(r.id) == alone(llama, p, max_new_tokens=4, ignore_eos=True)[0]
+
+
 def test_abort_frees_the_rows_at_once_and_an_idle_engine_releases_its_cache(llama):
     c = Collector(llama)
     a = c.add(PROMPTS[0], max_new_tokens=50, ignore_eos=True, num_return_sequences=3, do_sample=True, seed=1)
@@ -137,7 +153,7 @@ def test_abort_frees_the_rows_at_once_and_an_idle_engine_releases_its_cache(llam
     assert c.engine.live_rows == 1 and a.rows == [] and b.rows == [0]
     assert [d.finish_reason for d in c.deltas[a.id] if d.finish_reason] == ["abort"] * 3
     c.run(steps=3)  # b carries on
-    assert len(c.tokens(b.id)) == 6  # admitted at step 2: a token in each of steps 2-7
+    assert len(c.tokens(b.id)) == 7  # admitted with a at step 1: a token in each of steps 1-7
     c.engine.abort(b)
     c.engine.step()
     assert not c.engine.has_work and c.engine.cache.nbytes == 0
@@ -264,6 +280,31 @@ def test_one_token_attention_ignores_masked_columns_at_any_multiple_of_the_block
             mask[..., :length] = True
             outs.append(attend(q, k[:, :, :w], v[:, :, :w], mask, None))
         assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_one_token_attention_gives_a_row_the_same_bits_beside_any_neighbours():
+    """PyTorch's CPU SDPA kernel splits its work by batch size with 2+ threads, and a row's
+    low bits then depend on the rows beside it (measured with torch 2.13); a decode step's
+    attention (models/base.py `_attend_one`) must not, and must still equal SDPA's numbers."""
+    import torch.nn.functional as F
+
+    from tokenloom.models.base import attend
+
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows, width in ((8, 64), (9, 128), (32, 512)):
+            q = torch.randn(rows, 9, 1, 64, generator=g)
+            k, v = torch.randn(rows, 3, width, 64, generator=g), torch.randn(rows, 3, width, 64, generator=g)
+            mask = torch.rand(rows, 1, 1, width, generator=g) > 0.3
+            batch = attend(q, k, v, mask, None)
+            for r in range(rows):
+                assert torch.equal(batch[r], attend(q[r:r + 1], k[r:r + 1], v[r:r + 1], mask[r:r + 1], None)[0])
+            sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            torch.testing.assert_close(batch, sdpa.transpose(1, 2).reshape(rows, 1, -1), rtol=0, atol=2e-6)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_cache_allocates_what_is_needed_and_grows_in_place(llama):

@@ -2,9 +2,9 @@
 
 `Engine.step()` does, in order:
 
-1. admit the next waiting request if its rows fit (one request prefills at a time);
-2. prefill: one chunk of `prefill_chunk` tokens of that request, in its own cache row, so that
-   running sequences keep streaming while a long prompt is read (all of it when nobody waits);
+1. admit waiting requests whose rows fit and prefill them, one after another, each alone in its
+   own cache row, until `prefill_chunk` prompt tokens were read: a long prompt goes a chunk
+   per step, so running sequences keep streaming while it is read (all of it when nobody runs);
 3. decode: every running request chooses its next tokens from its rows' logits (requests.py),
    finished rows are freed and the last rows move into the holes, and one forward pass runs
    a token for every row. The new logits go back to their requests.
@@ -80,15 +80,36 @@ class Engine:
 
     def step(self) -> None:
         self.steps += 1
-        if self.prefilling is None and self.waiting and self._fits(self.waiting[0]):
-            self._admit(self.waiting.popleft())
-        if self.prefilling is not None:
-            self._prefill_step(whole=not self.running)
+        self._read_prompts()
         if self.running:
             self._decode_step()
         if not self.has_work:
             self.cache.release()  # idle: memory goes back to its baseline
         trim_heap(0 if not self.has_work else TRIM_GROWTH)
+
+    def _read_prompts(self) -> None:
+        """Admit and prefill waiting requests until `prefill_chunk` prompt tokens were read.
+
+        Requests that arrive together (a batch, a burst at the server) then start decoding
+        together instead of joining one per step. A long prompt still goes a chunk per step,
+        so the running rows keep streaming while it is read."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self.prefilling is None:
+                if not (self.waiting and self._fits(self.waiting[0])):
+                    return
+                request = self.waiting.popleft()
+                self._admit(request)
+                if not request.rows_needed:
+                    return  # contrastive search ran a whole generation in this step
+                if self.prefilling is None:
+                    continue  # it failed alone
+            pf = self.prefilling
+            before = pf.done
+            self._prefill_step(whole=not self.running)
+            budget -= max(1, pf.done - before)
+            if self.prefilling is not None:
+                return  # a long prompt: its next chunk comes with the next step
 
     def _fits(self, request: Request) -> bool:
         return self.live_rows + request.rows_needed <= self.max_batch

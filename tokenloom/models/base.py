@@ -132,9 +132,31 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None 
 
 def attend(q, k, v, mask, scale: float | None) -> torch.Tensor:
     """q (B, H, T, hd), k/v (B, Hkv, S, hd) -> (B, T, H*hd). Grouped-query heads are expanded by SDPA."""
+    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.float32:
+        return _attend_one(q, k, v, mask, scale)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     b, h, t, d = out.shape
     return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def _attend_one(q, k, v, mask, scale: float | None) -> torch.Tensor:
+    """One query per row (a decode step), as plain batched matmuls.
+
+    On CPU with 2+ threads, SDPA's flash kernel gives a row different low bits depending on
+    the rows beside it (it splits work by batch size), so a request's tokens would depend on
+    what else is being decoded. Each product here is one small matmul per (row, kv head),
+    whatever the batch, so a row's result is its own. Costs ~10-60 us per layer more than SDPA.
+    """
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    # the g query heads sharing a kv head become g query rows against it: no k/v expansion
+    scores = torch.matmul(q.reshape(b, hkv, h // hkv, d), k.transpose(-1, -2))
+    scores.mul_(d ** -0.5 if scale is None else scale)
+    if mask is not None and mask.dtype == torch.bool:
+        scores.masked_fill_(mask.logical_not(), float("-inf"))
+    elif mask is not None:
+        scores.add_(mask)
+    return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(b, 1, h * d)
 
 
 # ---------------------------------------------------------------------------- weights
