@@ -137,12 +137,13 @@ class Int4Linear(_PackedLinear):
         q = self.packed.view(n // b, k, b // 2).permute(1, 0, 2).reshape(k // GROUP, GROUP, n // b, b // 2)
         sz = self.scales_zeros.float()  # (K // group, N, 2)
         scale = sz[..., 0].view(k // GROUP, 1, n // b, 2, b // 2)
+        zero = (sz[..., 1] - 8 * sz[..., 0]).view(k // GROUP, 1, n // b, 2, b // 2)
         out = torch.empty(k // GROUP, GROUP, n // b, 2, b // 2)
-        torch.mul(q & 15, scale[..., 0, :], out=out[..., 0, :])
-        torch.mul(q >> 4, scale[..., 1, :], out=out[..., 1, :])
-        out = out.view(k // GROUP, GROUP, n)
-        out += (sz[..., 1] - 8 * sz[..., 0]).unsqueeze(1)
-        return out.view(k, n)
+        # codes cast to float first, then scaled in place: a uint8 x float32 product (type
+        # promotion + broadcasting) took twice as long for the same bits (~280 vs ~130 ms a model)
+        out[..., 0, :].copy_(q & 15)
+        out[..., 1, :].copy_(q >> 4)
+        return out.mul_(scale).add_(zero).view(k, n)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
@@ -161,7 +162,7 @@ class Int8Linear(_PackedLinear):
         return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
 
     def dense_t(self) -> torch.Tensor:
-        return torch.mul(self.weight_int8, self.scales.float()[:, None]).t()
+        return self.weight_int8.float().mul_(self.scales.float()[:, None]).t()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
