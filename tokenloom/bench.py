@@ -11,7 +11,10 @@ is a warm-up (allocation, kernel choice) and the median of the rest is reported:
   decode bB = B * (N - 1) / (t(N) - t(1)) on B distinct 32-token prompts (N = --new-tokens)
   beam4     = N / time of a 4-beam search from one 32-token prompt
 Memory: a thread in each runner reads /proc/self/statm every 10 ms while it generates; the
-runtime baseline is the RSS after importing the engine, before loading the model. tokenloom's
+runtime baseline is the RSS after importing the engine and running torch's kernels once on
+small dummy tensors (its thread pool and GEMM buffers, ~15 MB, which any torch program holds
+after its first product), before loading the model; the RSS after the import alone is shown
+beside it. tokenloom's
 budget is baseline + 1.5 x the weight file + the KV cache the workload needs (what the engine
 allocated is shown beside it: over-allocation counts against the budget).
 Agreement: the first 32 greedy tokens of 8 short plain-text prompts, compared with llama.cpp's.
@@ -96,6 +99,25 @@ class PeakRss:
         self.peak = max(self.peak, rss_bytes())
 
 
+def warm_runtime() -> int:
+    """Run torch's CPU kernels once on dummy tensors (no model) and return the RSS after: the
+    runtime's own memory (OpenMP threads, GEMM and attention buffers) before any weight."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        x = torch.randn(512, 576)
+        torch.mm(x, torch.randn(576, 1536))
+        F.scaled_dot_product_attention(*(torch.randn(1, 4, 512, 64) for _ in range(3)), is_causal=True)
+        codes = torch.randint(0, 16, (64, 64), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(x[:4, :64].bfloat16(), packed, 32,
+                                                   torch.ones(2, 64, 2, dtype=torch.bfloat16))
+        torch.ops.aten._weight_int8pack_mm(x[:4, :64].bfloat16(), codes.to(torch.int8),
+                                           torch.ones(64, dtype=torch.bfloat16))
+    return rss_bytes()
+
+
 def timed(fn, *args, **kwargs) -> float:
     start = time.perf_counter()
     fn(*args, **kwargs)
@@ -135,7 +157,8 @@ def run_tokenloom(spec: dict) -> dict:
     from tokenloom.engine.slots import SlotCache
 
     torch.set_num_threads(spec["threads"])
-    baseline = rss_bytes()
+    imported = rss_bytes()
+    baseline = warm_runtime()
     model = tokenloom.load(spec["path"], quantize=spec["quantize"], progress=False)
     probe = SlotCache(model.network, model.dtype, model.device)  # its per-layer (heads, head_dim) for K and V
     per_token = sum(h * d for h, d in probe.kshapes + probe.vshapes) * torch.empty((), dtype=model.dtype).element_size()
@@ -156,7 +179,7 @@ def run_tokenloom(spec: dict) -> dict:
 
     with PeakRss() as rss:
         out = measure("tokenloom", generate, spec)
-    return {**out, "baseline_rss": baseline, "peak_rss": rss.peak, "kv_bytes_per_token": per_token,
+    return {**out, "baseline_rss": baseline, "import_rss": imported, "peak_rss": rss.peak, "kv_bytes_per_token": per_token,
             "kv_allocated_bytes": kv[0], "info": f"quantization={model.quantization or 'none'}"}
 
 
@@ -167,7 +190,8 @@ def run_transformers(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     transformers.utils.logging.disable_progress_bar()  # keep stderr to one progress line per measurement
-    baseline = rss_bytes()
+    imported = rss_bytes()
+    baseline = warm_runtime()
     path = Path(spec["path"])
     if path.is_file():  # GGUF: transformers dequantizes it to float32
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -188,7 +212,7 @@ def run_transformers(spec: dict) -> dict:
 
     with PeakRss() as rss:
         out = measure("transformers", generate, spec)
-    return {**out, "baseline_rss": baseline, "peak_rss": rss.peak, "info": "float32"}
+    return {**out, "baseline_rss": baseline, "import_rss": imported, "peak_rss": rss.peak, "info": "float32"}
 
 
 def worker_main(argv: list[str]) -> int:
@@ -322,7 +346,8 @@ def table(results: dict, spec: dict, args, weights: int) -> str:
     rows += [(f"decode_b{b}", f"decode batch {b} (tok/s)", 1.0) for b in spec["batches"]]
     if spec["beams"] > 1:
         rows.append((f"beam{spec['beams']}", f"beam search, {spec['beams']} beams (tok/s)", 1.0))
-    rows += [("peak_rss", "peak RSS while generating (MB)", mb), ("baseline_rss", "runtime baseline RSS (MB)", mb),
+    rows += [("peak_rss", "peak RSS while generating (MB)", mb), ("baseline_rss", "runtime baseline RSS (MB), kernels warmed", mb),
+             ("import_rss", "RSS after import alone (MB)", mb),
              ("budget", "budget: runtime + 1.5 x weight file + KV (MB)", mb)]
     head = ["measurement", *engines, *[f"{a} / {b}" for a, b in ratios]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
