@@ -194,15 +194,17 @@ def test_nan_logits_fail_one_request_and_the_others_carry_on(llama, monkeypatch)
     good = c.add(PROMPTS[1], max_new_tokens=10, ignore_eos=True)
     bad = c.add(PROMPTS[2], max_new_tokens=10, ignore_eos=True)
     c.run(steps=3)
-    real_advance = type(bad).advance
+    real_forward = llama.network.forward
 
-    def poisoned(self, logits):
-        if self is bad:
-            logits = torch.full_like(logits, float("nan"))
-        return real_advance(self, logits)
+    def poisoned(ids, *args, **kwargs):  # the network's own output is NaN in bad's rows
+        out = real_forward(ids, *args, **kwargs)
+        if ids.shape[1] == 1 and bad.rows:
+            out[bad.rows] = float("nan")
+        return out
 
-    monkeypatch.setattr(type(bad), "advance", poisoned)
+    monkeypatch.setattr(llama.network, "forward", poisoned)
     c.run()
+    monkeypatch.undo()
     assert bad.error and "NaN" in bad.error
     assert c.deltas[bad.id][-1].finish_reason == "error"
     assert len(c.tokens(good.id)) == 10
@@ -252,7 +254,7 @@ def test_a_failed_request_raises_for_its_reader(llama, monkeypatch):
         from tokenloom.engine.request import Request
 
         real = Request.advance
-        monkeypatch.setattr(Request, "advance", lambda self, logits: real(self, logits * float("nan")))
+        monkeypatch.setattr(Request, "advance", lambda self, logits, usable=None: real(self, logits * float("nan")))
         stream = service.submit(llama.encode_prompts(["fox"])[0], llama.generation_config(max_new_tokens=3))
         with pytest.raises(TokenloomError, match="NaN"):
             model_out.extend(stream)

@@ -370,7 +370,7 @@ def test_a_request_failing_in_the_engine_fails_alone(srv, client, model, monkeyp
     def failing_when_seed_is_13(prompt_ids, cfg, emit, **kw):
         req = make(prompt_ids, cfg, emit, **kw)
         if cfg.seed == 13:
-            def advance(logits):
+            def advance(logits, usable=None):
                 raise RuntimeError("injected fault")
             req.advance = advance
         return req

@@ -173,7 +173,7 @@ class Engine:
         req.rows = list(range(first, first + n))
         self.owner.extend([req] * n)
         try:
-            req.logits = req.begin(logits, pf.decoder_tokens, pf.encoder_tokens)
+            req.logits, req.usable = req.begin(logits, pf.decoder_tokens, pf.encoder_tokens), None
         except Exception as e:  # noqa: BLE001
             self.running.append(req)
             self._fail(req, e)
@@ -187,7 +187,7 @@ class Engine:
     def _decode_step(self) -> None:
         for req in list(self.running):
             try:
-                plan = req.advance(req.logits)
+                plan = req.advance(req.logits, req.usable)
             except Exception as e:  # noqa: BLE001
                 self._fail(req, e)
                 continue
@@ -206,8 +206,11 @@ class Engine:
                 ids[row, 0], pos[row, 0] = tok, self.cache.lengths[row]
         with torch.inference_mode():
             logits = self.model(ids.to(self.device), pos.to(self.device), view, last_only=True)[:n, -1].float()
+        # one check of the step's rows, not one per request (4 small ops each, ~10 ms at 32 rows)
+        usable = (torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1)).tolist()
         for req in self.running:
             req.logits = logits.index_select(0, torch.tensor(req.rows, device=logits.device))
+            req.usable = all(usable[r] for r in req.rows)
 
     def _apply(self, req: Request, plan) -> None:
         """Carry out a request's plan on its rows: reorder (beams) or free finished ones."""

@@ -56,6 +56,8 @@ class Request:
         self.created = time.monotonic()
         self.deadline = None if config.max_time is None else self.created + config.max_time
         self.rows: list[int] = []  # the engine's cache rows, one per live sequence (engine-owned)
+        self.logits: torch.Tensor | None = None  # the rows' next-token logits (engine-owned) ...
+        self.usable: bool | None = None  # ... and whether the engine found them free of NaN
         self.error: str | None = None
         self._setup(model, vocab_size, tokenizer)
 
@@ -107,9 +109,14 @@ class Request:
                              generators=None if self.generators is None else [self.generators[j] for j in self.live],
                              encoder_tokens=self.encoder_tokens)
 
-    def advance(self, logits: torch.Tensor) -> Plan:
-        """Choose every live sequence's next token from its row of `logits` (R, V)."""
-        if not torch.isfinite(logits).any(dim=-1).all() or torch.isnan(logits).any():
+    def advance(self, logits: torch.Tensor, usable: bool | None = None) -> Plan:
+        """Choose every live sequence's next token from its row of `logits` (R, V).
+
+        `usable`: whether the caller already found the rows free of NaN with a finite value
+        each (the engine checks a whole decode step at once); None checks them here."""
+        if usable is None:
+            usable = bool(torch.isfinite(logits).any(dim=-1).all()) and not torch.isnan(logits).any()
+        if not usable:
             raise FloatingPointError("the model produced NaN or infinite logits")
         lps = None
         if self.chain.is_noop and self.config.logprobs is None:
@@ -197,7 +204,7 @@ class BeamRequest(Request):
         self.steps, self.started = search_steps(self.search), False
         return self.search.first
 
-    def advance(self, logits: torch.Tensor) -> Plan:
+    def advance(self, logits: torch.Tensor, usable: bool | None = None) -> Plan:
         """One step of the search on its rows' logits -> the reordered beams and their tokens."""
         try:
             if self.started:
