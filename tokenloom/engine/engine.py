@@ -108,6 +108,7 @@ class Engine:
             before = pf.done
             self._prefill_step(whole=not self.running)
             budget -= max(1, pf.done - before)
+            trim_heap(TRIM_GROWTH)  # each prompt's temporaries go back before the next one's
             if self.prefilling is not None:
                 return  # a long prompt: its next chunk comes with the next step
 
