@@ -12,7 +12,7 @@ is a warm-up (allocation, kernel choice) and the median of the rest is reported:
   beam4     = N / time of a 4-beam search from one 32-token prompt
 Memory: a thread in each runner reads /proc/self/statm every 10 ms while it generates; the
 runtime baseline is the RSS after importing the engine and running torch's kernels once on
-small dummy tensors (its thread pool and GEMM buffers, ~15 MB, which any torch program holds
+small dummy tensors (its thread pool and GEMM buffers, 12-17 MB measured here, which any torch program holds
 after its first product), before loading the model; the RSS after the import alone is shown
 beside it. tokenloom's
 budget is baseline + 1.5 x the weight file + the KV cache the workload needs (what the engine

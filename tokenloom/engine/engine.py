@@ -5,7 +5,7 @@
 1. admit waiting requests whose rows fit and prefill them, one after another, each alone in its
    own cache row, until `prefill_chunk` prompt tokens were read: a long prompt goes a chunk
    per step, so running sequences keep streaming while it is read (all of it when nobody runs);
-3. decode: every running request chooses its next tokens from its rows' logits (requests.py),
+2. decode: every running request chooses its next tokens from its rows' logits (requests.py),
    finished rows are freed and the last rows move into the holes, and one forward pass runs
    a token for every row. The new logits go back to their requests.
 
@@ -23,7 +23,7 @@ from collections import deque
 
 import torch
 
-from tokenloom.engine.request import Request
+from tokenloom.engine.request import Request, usable_rows
 from tokenloom.engine.slots import SlotCache, _round
 from tokenloom.heap import trim_heap
 
@@ -208,7 +208,7 @@ class Engine:
         with torch.inference_mode():
             logits = self.model(ids.to(self.device), pos.to(self.device), view, last_only=True)[:n, -1].float()
         # one check of the step's rows, not one per request (4 small ops each, ~10 ms at 32 rows)
-        usable = (torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1)).tolist()
+        usable = usable_rows(logits)
         for req in self.running:
             req.logits = logits.index_select(0, torch.tensor(req.rows, device=logits.device))
             req.usable = all(usable[r] for r in req.rows)

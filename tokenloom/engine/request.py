@@ -115,7 +115,7 @@ class Request:
         `usable`: whether the caller already found the rows free of NaN with a finite value
         each (the engine checks a whole decode step at once); None checks them here."""
         if usable is None:
-            usable = bool(torch.isfinite(logits).any(dim=-1).all()) and not torch.isnan(logits).any()
+            usable = all(usable_rows(logits))
         if not usable:
             raise FloatingPointError("the model produced NaN or infinite logits")
         lps = None
@@ -166,6 +166,11 @@ class Request:
                 seq.finish_reason = reason
                 self.sink(seq.index, [], reason)
         self.live = []
+
+
+def usable_rows(logits: torch.Tensor) -> list[bool]:
+    """Per row of (R, V) logits: no NaN, and at least one finite value to choose from."""
+    return (torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1)).tolist()
 
 
 def _logprobs(raw: torch.Tensor, processed: torch.Tensor, tokens: torch.Tensor, n: int) -> list[TokenLogprob]:

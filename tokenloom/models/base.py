@@ -132,7 +132,8 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None 
 
 def attend(q, k, v, mask, scale: float | None) -> torch.Tensor:
     """q (B, H, T, hd), k/v (B, Hkv, S, hd) -> (B, T, H*hd). Grouped-query heads are expanded by SDPA."""
-    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.float32:
+    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.float32 \
+            and (mask is None or mask.dtype == torch.bool):
         return _attend_one(q, k, v, mask, scale)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     b, h, t, d = out.shape
@@ -152,10 +153,8 @@ def _attend_one(q, k, v, mask, scale: float | None) -> torch.Tensor:
     # the g query heads sharing a kv head become g query rows against it: no k/v expansion
     scores = torch.matmul(q.reshape(b, hkv, h // hkv, d), k.transpose(-1, -2))
     scores.mul_(d ** -0.5 if scale is None else scale)
-    if mask is not None and mask.dtype == torch.bool:
+    if mask is not None:
         scores.masked_fill_(mask.logical_not(), float("-inf"))
-    elif mask is not None:
-        scores.add_(mask)
     return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(b, 1, h * d)
 
 

@@ -181,9 +181,8 @@ class W8A8Linear(nn.Module):
     keeps the original codes beside its packed copy: twice int8's memory.
 
     Activations are quantized per row, never per tensor, so a row's numbers do not depend on its
-    neighbours: each row is scaled to
-    [-63, 63] by its own absolute maximum and sent as two rows, its rounding and its rounding
-    error times 126, which together carry ~13 bits (one 8-bit row alone cost +1.5% perplexity on
+    neighbours: each row is scaled to [-63, 63] by its own absolute maximum and sent as two
+    rows, its rounding and its rounding error times 126, which together carry ~13 bits (one 8-bit row alone cost +1.5% perplexity on
     the default model). Integer sums are exact, so the result does not depend on how the kernel
     blocks the rows either. Activations get 7 bits per row, not 8, so that the weights can keep 8
     (per output channel, as the int8 layers): the kernel adds pairs of uint8 x int8 products in
