@@ -234,6 +234,12 @@ class _StepView(_CrossMixin):
             dst.view(-1, d).index_copy_(0, self._flat_slots(dst.shape[1]), src.reshape(-1, d))
         return c.k[layer][:self.n, :, :self.end], c.v[layer][:self.n, :, :self.end]
 
+    def slot_write(self, layer: int):
+        """For a fused decode kernel (kernels.rope_attention): the layer's whole key and value
+        tensors, the column each row's token goes to, and the attention width."""
+        c = self.cache
+        return c.k[layer], c.v[layer], self.cols, self.end
+
     def commit(self) -> None:
         for r in range(self.live):  # padding rows stay empty (they rewrite column 0)
             self.cache.lengths[r] += 1

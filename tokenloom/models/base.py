@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenloom import kernels
 from tokenloom.errors import CheckpointError, ModelLoadError
 
 
@@ -138,6 +139,14 @@ def attend(q, k, v, mask, scale: float | None) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     b, h, t, d = out.shape
     return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def fused_decode_ok(qkv: torch.Tensor, mask: torch.Tensor | None, cache, head_dim: int) -> bool:
+    """Whether a one-token step may run kernels.rope_attention: our kernels built, float32 on
+    the CPU, a boolean mask, and a cache that can say where each row's token goes."""
+    return (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and mask is not None
+            and mask.dtype == torch.bool and head_dim % 8 == 0 and hasattr(cache, "slot_write")
+            and kernels.library() is not None)
 
 
 def _attend_one(q, k, v, mask, scale: float | None) -> torch.Tensor:

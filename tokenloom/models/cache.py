@@ -23,6 +23,7 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self._pending = 0
+        self._cols: torch.Tensor | None = None  # slot_write's columns, made once per step
         # encoder-decoder models: per-layer cross-attention keys/values (B, Hkv, S, hd), computed
         # once from the encoder output, and which source positions are real (B, S) bool
         self.cross_k: list[torch.Tensor] = []
@@ -40,6 +41,7 @@ class KVCache:
             raise RuntimeError(f"KV cache is full ({self.length} + {t} > {self.max_len} slots)")
         self.positions[:, self.length:self.length + t] = position_ids
         self._pending = t
+        self._cols = None
         return self.positions[:, :self.length + t]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +50,13 @@ class KVCache:
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def slot_write(self, layer: int):
+        """As SlotCache's step view: (keys, values, each row's write column, width) of a
+        one-token step, for a fused decode kernel."""
+        if self._cols is None:
+            self._cols = torch.full((self.batch_size,), self.length, dtype=torch.long, device=self.positions.device)
+        return self.k[layer], self.v[layer], self._cols, self.length + self._pending
 
     def commit(self) -> None:
         self.length += self._pending

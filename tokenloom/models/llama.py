@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.models.base import OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, fused_halves, rope_parameters, embedding
+from tokenloom import kernels
+from tokenloom.models.base import (OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask,
+                                   embedding, fuse, fused_decode_ok, fused_halves, rope_parameters)
 from tokenloom.models.cache import KVCache
+from tokenloom.models.quant import Q4Linear
 
 
 @dataclass
@@ -60,7 +63,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache):
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, t, self.n_heads + 2 * self.n_kv, self.hd).transpose(1, 2)
+        qkv = self.qkv_proj(x)
+        if t == 1 and fused_decode_ok(qkv, mask, cache, self.hd):
+            # rotary, the cache write and attention in one kernel call instead of ~25 small ops
+            k_all, v_all, cols, end = cache.slot_write(self.layer)
+            out = kernels.rope_attention(qkv.view(b, -1), cos.view(b, -1), sin.view(b, -1), k_all, v_all, cols,
+                                         end, mask.view(b, -1), self.hd ** -0.5, self.n_heads)
+            return self.o_proj(out.view(b, 1, -1))
+        qkv = qkv.view(b, t, self.n_heads + 2 * self.n_kv, self.hd).transpose(1, 2)
         # (B, h, T, hd); q and k rotate together, in one set of element-wise ops
         qk = apply_rotary(qkv[:, :self.n_heads + self.n_kv], cos, sin)
         q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
@@ -89,8 +99,32 @@ class Block(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, x, cos, sin, mask, cache):
+        if x.shape[1] == 1 and fused_decode_ok(x, mask, cache, self.self_attn.hd) and self.fused_weights():
+            # a decode step of the whole block in one kernel call (Q4_1 projections only)
+            k_all, v_all, cols, end = cache.slot_write(self.self_attn.layer)
+            b = x.shape[0]
+            return kernels.llama_block(self._fused, x, cos.view(b, -1), sin.view(b, -1), k_all, v_all, cols, end,
+                                       mask.view(b, -1))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    _fused: tuple | None = None
+
+    def fused_weights(self) -> bool:
+        """Whether kernels.llama_block can run this block (every projection packed as Q4_1, plain
+        RMSNorms, head dim a multiple of 8); its arguments are gathered on first use."""
+        if self._fused is None:
+            a, m = self.self_attn, self.mlp
+            lins = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+            norms = (self.input_layernorm, self.post_attention_layernorm)
+            ok = (all(isinstance(p, Q4Linear) for p in lins) and a.hd % 8 == 0
+                  and all(type(n) is RMSNorm and not n.offset and n.weight.dtype == torch.float32 for n in norms))
+            self._fused = () if not ok else (
+                norms[0].weight.detach(), norms[1].weight.detach(), float(norms[0].eps),
+                *[(p.codes, p.scale_min, p.bias) for p in lins[:3]], m.intermediate, (lins[3].codes, lins[3].scale_min,
+                                                                                      lins[3].bias),
+                a.n_heads, a.n_kv, a.hd, a.hd ** -0.5)
+        return bool(self._fused)
 
 
 class Model(nn.Module):

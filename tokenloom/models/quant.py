@@ -193,13 +193,15 @@ class Q4Linear(_PackedLinear):
         return kernels.q4_mm(x, self.codes, self.scale_min)
 
     def dense_t(self) -> torch.Tensor:
+        """Expanded in the codes' own (out, in) order, then transposed as a view: GEMM takes a
+        transposed operand as it is, and writing (in, out) directly was a slow strided copy."""
         n, k = self.out_features, self.in_features
-        q = self.codes.view(n, k // GROUP, GROUP // 2).permute(1, 2, 0)  # (blocks, 16, N)
-        sm = self.scale_min.float().permute(1, 2, 0)  # (blocks, 2, N)
-        out = torch.empty(k // GROUP, 2, GROUP // 2, n)
-        out[:, 0].copy_(q & 15)  # cast first, then scale in place (see Int4Linear.dense_t)
-        out[:, 1].copy_(q >> 4)
-        return out.mul_(sm[:, None, :1]).add_(sm[:, None, 1:]).view(k, n)
+        q = self.codes.view(n, k // GROUP, GROUP // 2)
+        sm = self.scale_min.float()[..., None, :]  # (N, blocks, 1, 2)
+        out = torch.empty(n, k // GROUP, 2, GROUP // 2)
+        out[:, :, 0].copy_(q & 15)  # cast first, then scale in place (see Int4Linear.dense_t)
+        out[:, :, 1].copy_(q >> 4)
+        return out.view(n, k // GROUP, GROUP).mul_(sm[..., 0]).add_(sm[..., 1]).view(n, k).t()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q4_1 blocks of {GROUP}"

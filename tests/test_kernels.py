@@ -1,0 +1,111 @@
+"""tokenloom's own decode kernels (tokenloom/kernels): fused rotary attention against the
+op-by-op path it replaces. The quantized products are tested in test_quant.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenloom
+from tests.tiny import save_tiny
+from tokenloom import kernels
+from tokenloom.models import llama
+from tokenloom.models.base import Rotary, apply_rotary, attend
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="tokenloom's kernels need x86 with AVX2 "
+                                "and a compiler (test_quant.py asserts they build where they can)")
+
+
+def step_inputs(rows: int, heads: int = 9, kv: int = 3, d: int = 64, width: int = 96, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(rows, (heads + 2 * kv) * d, generator=g)
+    lengths = torch.randint(0, width - 16, (rows,), generator=g)
+    cos, sin = Rotary({"rope_theta": 10000.0}, d)(lengths[:, None], torch.float32)
+    k_cache, v_cache = torch.randn(rows, kv, width, d, generator=g), torch.randn(rows, kv, width, d, generator=g)
+    end = -(-(int(lengths.max()) + 1) // 16) * 16
+    mask = torch.arange(end)[None] <= lengths[:, None]  # each row: its own past and this token
+    return qkv, cos.view(rows, d), sin.view(rows, d), k_cache, v_cache, lengths, end, mask
+
+
+def op_by_op(qkv, cos, sin, k_cache, v_cache, cols, end, mask, heads):
+    """models/llama.py's general path: rotary, the cache write, then `attend`."""
+    rows, kv, _, d = k_cache.shape
+    x = qkv.view(rows, 1, heads + 2 * kv, d).transpose(1, 2)
+    qk = apply_rotary(x[:, :heads + kv], cos[:, None, None], sin[:, None, None])
+    ar = torch.arange(rows)
+    k_cache[ar, :, cols] = qk[:, heads:, 0]
+    v_cache[ar, :, cols] = x[:, heads + kv:, 0]
+    return attend(qk[:, :heads], k_cache[:, :, :end], v_cache[:, :, :end], mask[:, None, None], None).view(rows, -1)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fused_attention_equals_rotary_cache_write_and_attention_op_by_op(rows):
+    qkv, cos, sin, k, v, cols, end, mask = step_inputs(rows)
+    k2, v2 = k.clone(), v.clone()
+    got = kernels.rope_attention(qkv, cos, sin, k, v, cols, end, mask, 64 ** -0.5, 9)
+    ref = op_by_op(qkv, cos, sin, k2, v2, cols, end, mask, 9)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    assert torch.equal(k, k2) and torch.equal(v, v2)  # rotary: the same products and sum, bit for bit
+
+
+def test_fused_attention_gives_a_row_the_same_bits_alone_and_at_any_width():
+    qkv, cos, sin, k, v, cols, end, mask = step_inputs(7, seed=1)
+    batch = kernels.rope_attention(qkv, cos, sin, k.clone(), v.clone(), cols, end, mask, 0.125, 9)
+    for r in range(7):
+        one = kernels.rope_attention(qkv[r:r + 1], cos[r:r + 1], sin[r:r + 1], k[r:r + 1].clone(),
+                                     v[r:r + 1].clone(), cols[r:r + 1], end, mask[r:r + 1], 0.125, 9)
+        assert torch.equal(one[0], batch[r])
+        wide = torch.zeros(1, end + 32, dtype=torch.bool)  # masked extra columns change nothing
+        wide[:, :end] = mask[r]
+        assert torch.equal(kernels.rope_attention(qkv[r:r + 1], cos[r:r + 1], sin[r:r + 1], k[r:r + 1].clone(),
+                                                  v[r:r + 1].clone(), cols[r:r + 1], end + 32, wide, 0.125, 9)[0],
+                           batch[r])
+
+
+def test_a_model_decodes_the_same_with_and_without_the_fused_step(tmp_path, monkeypatch):
+    save_tiny("llama", tmp_path)
+    net = tokenloom.load(tmp_path, quantize="none").network
+    ids = torch.tensor([[5, 9, 2, 7], [3, 3, 8, 1]])
+
+    def decode():
+        cache = net.make_cache(2, 12)
+        out = [net(ids, torch.arange(4).expand(2, 4), cache, last_only=True)]
+        for t in range(4, 10):
+            out.append(net(out[-1].argmax(-1), torch.full((2, 1), t), cache))
+        return torch.cat(out, 1), cache
+
+    with torch.inference_mode():
+        fused, cache_fused = decode()
+        monkeypatch.setattr(llama, "fused_decode_ok", lambda *a: False)
+        plain, cache_plain = decode()
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+    for a, b in zip(cache_fused.k + cache_fused.v, cache_plain.k + cache_plain.v):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q, k, v
+def test_a_packed_model_decodes_the_same_with_the_whole_block_fused(tmp_path, monkeypatch, arch):
+    """kernels.llama_block (norms, products, attention, SwiGLU, residuals in one call) against
+    the same int4 model run module by module, through the engine, at 1 and 3 rows."""
+    save_tiny(arch, tmp_path)
+    model = tokenloom.load(tmp_path, quantize="int4")
+    assert all(block.fused_weights() for block in model.network.layers)
+    prompts = ["the tiny model", "says something", "long enough to see"]
+    params = dict(max_new_tokens=8, ignore_eos=True, logprobs=2)
+    fused = [model.generate(p, **params) for p in prompts] + model.generate(prompts, **params)
+    with torch.inference_mode():  # the step's logits too, not only the tokens
+        ids = torch.tensor([[5, 9, 2, 7]])
+        cache = model.network.make_cache(1, 8)
+        model.network(ids, torch.arange(4)[None], cache)
+        fused_logits = model.network(ids[:, :1], torch.tensor([[4]]), cache)
+    monkeypatch.setattr(llama.Block, "fused_weights", lambda self: False)
+    plain = [model.generate(p, **params) for p in prompts] + model.generate(prompts, **params)
+    with torch.inference_mode():
+        cache = model.network.make_cache(1, 8)
+        model.network(ids, torch.arange(4)[None], cache)
+        torch.testing.assert_close(fused_logits, model.network(ids[:, :1], torch.tensor([[4]]), cache),
+                                   rtol=0, atol=1e-4)
+    for a, b in zip(fused, plain):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x.logprob - y.logprob) < 1e-3
