@@ -170,7 +170,13 @@ class Request:
 
 def usable_rows(logits: torch.Tensor) -> list[bool]:
     """Per row of (R, V) logits: no NaN, and at least one finite value to choose from."""
-    return (torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1)).tolist()
+    # the usual case in one pass: a finite row maximum (max propagates NaN) settles a row; the
+    # full test (~4 ms a step at 32 rows) runs only when some row has a NaN, no finite value
+    # or a +inf
+    usable = torch.isfinite(logits.amax(dim=-1))
+    if not bool(usable.all()):
+        usable = torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1)
+    return usable.tolist()
 
 
 def _logprobs(raw: torch.Tensor, processed: torch.Tensor, tokens: torch.Tensor, n: int) -> list[TokenLogprob]:

@@ -123,10 +123,8 @@ inline __m256 block_dot_s8(__m256i w, const int8_t* x) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
-constexpr int TILE = 4;  // rows of activations per pass over a weight row (accumulators in registers)
-
 // Per row and block, acc += float(int dot) * (wd * xd) (one fused multiply-add), and for Q4_1
-// mins += wm * xs (a multiply, then an add). Tiles of 4 rows do the scale products for the 4
+// mins += wm * xs (a multiply, then an add). Tiles of 4 or 8 rows do the scale products for 4
 // rows in one 128-bit operation, single rows in scalar ones: the same roundings either way, so
 // a row gets the same bits in either (the tests check this).
 inline __m256 lane(__m128 v, int r) {
@@ -134,28 +132,32 @@ inline __m256 lane(__m128 v, int r) {
 }
 
 // y (M, N) = x (M, K) times the Q4_1 weights (N, K): codes `qs` (N, K / 2), fp16 (scale, min)
-// pairs `dm` (N, K / 32, 2), so that a weight is scale * code + min.
-inline void q4_tile4(const Rows& a, int64_t r0, int64_t K, const uint8_t* qs, const uint16_t* dm, float* y, int64_t N, int64_t n) {
+// pairs `dm` (N, K / 32, 2), so that a weight is scale * code + min. R rows (a multiple of 4)
+// against output channel n; the loops over rows unroll, so the accumulators stay in registers.
+template <int R>
+inline void q4_tile(const Rows& a, int64_t r0, int64_t K, const uint8_t* qs, const uint16_t* dm, float* y, int64_t N, int64_t n) {
     const int64_t nb = K / QK;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-    __m128 mins = _mm_setzero_ps();
+    __m256 acc[R];
+    __m128 mins[R / 4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int r = 0; r < R / 4; r++) mins[r] = _mm_setzero_ps();
     const int8_t* x = a.q + r0 * K;
     for (int64_t b = 0; b < nb; b++) {
         const __m256i w = unpack_nibbles(qs + (n * nb + b) * (QK / 2));
         const __m128 wdm = _mm_cvtph_ps(_mm_cvtsi32_si128(*(const int32_t*)(dm + 2 * (n * nb + b))));
-        const __m128 sc = _mm_mul_ps(_mm_shuffle_ps(wdm, wdm, 0), _mm_loadu_ps(a.d + b * a.M + r0));
-        mins = _mm_add_ps(mins, _mm_mul_ps(_mm_shuffle_ps(wdm, wdm, 0x55), _mm_loadu_ps(a.s + b * a.M + r0)));
-        acc0 = _mm256_fmadd_ps(block_dot_u8(w, x + b * QK), lane(sc, 0), acc0);
-        acc1 = _mm256_fmadd_ps(block_dot_u8(w, x + K + b * QK), lane(sc, 1), acc1);
-        acc2 = _mm256_fmadd_ps(block_dot_u8(w, x + 2 * K + b * QK), lane(sc, 2), acc2);
-        acc3 = _mm256_fmadd_ps(block_dot_u8(w, x + 3 * K + b * QK), lane(sc, 3), acc3);
+        const __m128 wd = _mm_shuffle_ps(wdm, wdm, 0), wm = _mm_shuffle_ps(wdm, wdm, 0x55);
+        for (int c = 0; c < R / 4; c++) {
+            const __m128 sc = _mm_mul_ps(wd, _mm_loadu_ps(a.d + b * a.M + r0 + 4 * c));
+            mins[c] = _mm_add_ps(mins[c], _mm_mul_ps(wm, _mm_loadu_ps(a.s + b * a.M + r0 + 4 * c)));
+            for (int r = 0; r < 4; r++)
+                acc[4 * c + r] = _mm256_fmadd_ps(block_dot_u8(w, x + (4 * c + r) * K + b * QK), lane(sc, r), acc[4 * c + r]);
+        }
     }
-    float m[4];
-    _mm_storeu_ps(m, mins);
-    y[r0 * N + n] = hsum(acc0) + m[0];
-    y[(r0 + 1) * N + n] = hsum(acc1) + m[1];
-    y[(r0 + 2) * N + n] = hsum(acc2) + m[2];
-    y[(r0 + 3) * N + n] = hsum(acc3) + m[3];
+    for (int c = 0; c < R / 4; c++) {
+        float m[4];
+        _mm_storeu_ps(m, mins[c]);
+        for (int r = 0; r < 4; r++) y[(r0 + 4 * c + r) * N + n] = hsum(acc[4 * c + r]) + m[r];
+    }
 }
 
 inline void q4_tile1(const Rows& a, int64_t r0, int64_t K, const uint8_t* qs, const uint16_t* dm, float* y, int64_t N, int64_t n) {
@@ -174,22 +176,22 @@ inline void q4_tile1(const Rows& a, int64_t r0, int64_t K, const uint8_t* qs, co
 }
 
 // y (M, N) = x (M, K) times the Q8_0 weights (N, K): codes `qs` (N, K), fp16 scales `d` (N, K / 32).
-inline void q8_tile4(const Rows& a, int64_t r0, int64_t K, const int8_t* qs, const uint16_t* d, float* y, int64_t N, int64_t n) {
+template <int R>
+inline void q8_tile(const Rows& a, int64_t r0, int64_t K, const int8_t* qs, const uint16_t* d, float* y, int64_t N, int64_t n) {
     const int64_t nb = K / QK;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     const int8_t* x = a.q + r0 * K;
     for (int64_t b = 0; b < nb; b++) {
         const __m256i w = _mm256_loadu_si256((const __m256i*)(qs + (n * nb + b) * QK));
-        const __m128 sc = _mm_mul_ps(_mm_set1_ps(half_to_float(d[n * nb + b])), _mm_loadu_ps(a.d + b * a.M + r0));
-        acc0 = _mm256_fmadd_ps(block_dot_s8(w, x + b * QK), lane(sc, 0), acc0);
-        acc1 = _mm256_fmadd_ps(block_dot_s8(w, x + K + b * QK), lane(sc, 1), acc1);
-        acc2 = _mm256_fmadd_ps(block_dot_s8(w, x + 2 * K + b * QK), lane(sc, 2), acc2);
-        acc3 = _mm256_fmadd_ps(block_dot_s8(w, x + 3 * K + b * QK), lane(sc, 3), acc3);
+        const __m128 wd = _mm_set1_ps(half_to_float(d[n * nb + b]));
+        for (int c = 0; c < R / 4; c++) {
+            const __m128 sc = _mm_mul_ps(wd, _mm_loadu_ps(a.d + b * a.M + r0 + 4 * c));
+            for (int r = 0; r < 4; r++)
+                acc[4 * c + r] = _mm256_fmadd_ps(block_dot_s8(w, x + (4 * c + r) * K + b * QK), lane(sc, r), acc[4 * c + r]);
+        }
     }
-    y[r0 * N + n] = hsum(acc0);
-    y[(r0 + 1) * N + n] = hsum(acc1);
-    y[(r0 + 2) * N + n] = hsum(acc2);
-    y[(r0 + 3) * N + n] = hsum(acc3);
+    for (int r = 0; r < R; r++) y[(r0 + r) * N + n] = hsum(acc[r]);
 }
 
 inline void q8_tile1(const Rows& a, int64_t r0, int64_t K, const int8_t* qs, const uint16_t* d, float* y, int64_t N, int64_t n) {
@@ -204,7 +206,8 @@ inline void q8_tile1(const Rows& a, int64_t r0, int64_t K, const int8_t* qs, con
     y[r0 * N + n] = hsum(acc);
 }
 
-template <typename W, typename S, void (*T4)(const Rows&, int64_t, int64_t, const W*, const S*, float*, int64_t, int64_t),
+template <typename W, typename S, void (*T8)(const Rows&, int64_t, int64_t, const W*, const S*, float*, int64_t, int64_t),
+          void (*T4)(const Rows&, int64_t, int64_t, const W*, const S*, float*, int64_t, int64_t),
           void (*T1)(const Rows&, int64_t, int64_t, const W*, const S*, float*, int64_t, int64_t)>
 void gemm(const float* x, int64_t M, int64_t K, const W* qs, const S* sc, int64_t N, float* y, int threads) {
     const Rows a(x, M, K);
@@ -213,11 +216,11 @@ void gemm(const float* x, int64_t M, int64_t K, const W* qs, const S* sc, int64_
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         int64_t r = 0;
-        for (; r + TILE <= M; r += TILE) T4(a, r, K, qs, sc, y, N, n);
+        for (; r + 8 <= M; r += 8) T8(a, r, K, qs, sc, y, N, n);
+        for (; r + 4 <= M; r += 4) T4(a, r, K, qs, sc, y, N, n);
         for (; r < M; r++) T1(a, r, K, qs, sc, y, N, n);
     }
 }
-
 
 inline float dot(const float* a, const float* b, int64_t n) {  // n a multiple of 8
     __m256 acc = _mm256_setzero_ps();
@@ -242,11 +245,11 @@ extern "C" {
 int tl_abi_version() { return 1; }
 
 void tl_q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const uint16_t* dm, int64_t N, float* y, int threads) {
-    gemm<uint8_t, uint16_t, q4_tile4, q4_tile1>(x, M, K, qs, dm, N, y, threads);
+    gemm<uint8_t, uint16_t, q4_tile<8>, q4_tile<4>, q4_tile1>(x, M, K, qs, dm, N, y, threads);
 }
 
 void tl_q8_gemm(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N, float* y, int threads) {
-    gemm<int8_t, uint16_t, q8_tile4, q8_tile1>(x, M, K, qs, d, N, y, threads);
+    gemm<int8_t, uint16_t, q8_tile<8>, q8_tile<4>, q8_tile1>(x, M, K, qs, d, N, y, threads);
 }
 
 
