@@ -209,9 +209,17 @@ class Engine:
             logits = self.model(ids.to(self.device), pos.to(self.device), view, last_only=True)[:n, -1].float()
         # one check of the step's rows, not one per request (4 small ops each, ~10 ms at 32 rows)
         usable = usable_rows(logits)
+        top = None  # one argmax for every greedy request of the step, not one call per request
         for req in self.running:
-            req.logits = logits.index_select(0, torch.tensor(req.rows, device=logits.device))
-            req.usable = all(usable[r] for r in req.rows)
+            rows = req.rows
+            if rows == list(range(rows[0], rows[0] + len(rows))):
+                req.logits = logits[rows[0]:rows[0] + len(rows)]
+            else:
+                req.logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            req.usable = all(usable[r] for r in rows)
+            if getattr(req, "plain_greedy", False):
+                top = logits.argmax(dim=-1).tolist() if top is None else top
+                req.greedy = [top[r] for r in rows]
 
     def _apply(self, req: Request, plan) -> None:
         """Carry out a request's plan on its rows: reorder (beams) or free finished ones."""

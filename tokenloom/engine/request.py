@@ -58,6 +58,7 @@ class Request:
         self.rows: list[int] = []  # the engine's cache rows, one per live sequence (engine-owned)
         self.logits: torch.Tensor | None = None  # the rows' next-token logits (engine-owned) ...
         self.usable: bool | None = None  # ... and whether the engine found them free of NaN
+        self.greedy: list[int] | None = None  # ... and their argmax, when the engine took it for all rows at once
         self.error: str | None = None
         self._setup(model, vocab_size, tokenizer)
 
@@ -73,6 +74,11 @@ class Request:
         if self.config.sampling:
             seed = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(6), "little")
             self.generators = make_generators([row_seed(seed, j) for j in range(n)], self.device)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits and nothing else: the engine may pick the tokens itself."""
+        return not self.chain.sampling and self.chain.is_noop and self.config.logprobs is None
 
     @property
     def rows_needed(self) -> int:
@@ -119,7 +125,10 @@ class Request:
         if not usable:
             raise FloatingPointError("the model produced NaN or infinite logits")
         lps = None
-        if self.chain.is_noop and self.config.logprobs is None:
+        greedy, self.greedy = self.greedy, None
+        if greedy is not None and self.plain_greedy:
+            tokens_t = torch.tensor(greedy, device=self.device)
+        elif self.chain.is_noop and self.config.logprobs is None:
             tokens_t = self.chain.draw(logits, self._state())
         else:
             state = self._state()
@@ -203,6 +212,11 @@ class BeamRequest(Request):
         eos = sorted(self.stop_set)
         self.process = _hook(self.config, eos, vocab_size, tokenizer)
         self.model = model
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits and nothing else: the engine may pick the tokens itself."""
+        return not self.chain.sampling and self.chain.is_noop and self.config.logprobs is None
 
     @property
     def rows_needed(self) -> int:
