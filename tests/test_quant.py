@@ -79,16 +79,18 @@ def test_prefill_and_decode_products_agree_with_the_expanded_weights(cls):
 def int8_activation_reference(x: torch.Tensor, wq: torch.Tensor, wd: torch.Tensor, wm: torch.Tensor | None):
     """What the kernels compute, in float64: rows quantized to int8 per block of 32 (round half
     to even), exact integer block sums, scaled by both blocks' scales; Q4_1 adds min * the sum
-    of the row's block."""
+    of the row's block. The row's scale and sum are kept at fp16 precision, as GGUF's Q8_0 /
+    Q8_1 blocks hold them (so that greedy tokens follow llama.cpp's more often)."""
     m, k = x.shape
     xb = x.view(m, k // GROUP, GROUP)
     amax = xb.abs().amax(-1)
-    xd = amax / 127
     xq = (xb * torch.where(amax > 0, 127 / amax, 0)[..., None]).round()
+    xd = (amax / 127).half().float()
+    xs = (amax / 127 * xq.sum(-1)).half().float()
     dots = torch.einsum("mbj,nbj->mnb", xq.double(), wq.double().view(wq.shape[0], k // GROUP, GROUP))
     out = (dots * wd.double()[None] * xd.double()[:, None]).sum(-1)
     if wm is not None:
-        out += (wm.double()[None] * (xd * xq.sum(-1)).double()[:, None]).sum(-1)
+        out += (wm.double()[None] * xs.double()[:, None]).sum(-1)
     return out
 
 

@@ -78,8 +78,9 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i*)(q + b * QK), p);
-        d[b] = scale;
-        s[b] = scale * (float)_mm_cvtsi128_si32(s4);
+        // kept at fp16 precision, as GGUF's Q8_0 / Q8_1 blocks store them (and llama.cpp uses them)
+        d[b] = _cvtsh_ss(_cvtss_sh(scale, 0));
+        s[b] = _cvtsh_ss(_cvtss_sh(scale * (float)_mm_cvtsi128_si32(s4), 0));
     }
 }
 
@@ -268,7 +269,6 @@ void tl_rope_attention(const float* qkv, int64_t B, int64_t H, int64_t Hkv, int6
     {
         float* q = (float*)malloc(sizeof(float) * d);
         float* p = (float*)malloc(sizeof(float) * (end > 0 ? end : 1));
-        float* o = (float*)malloc(sizeof(float) * d);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < B * Hkv; t++) {
             const int64_t b = t / Hkv, g = t % Hkv;
@@ -302,17 +302,23 @@ void tl_rope_attention(const float* qkv, int64_t B, int64_t H, int64_t Hkv, int6
                     sum += p[s];
                 }
                 const float inv = 1.0f / sum;
-                for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
-                for (int64_t s = 0; s < end; s++) {
-                    if (!m[s]) continue;
-                    const __m256 w = _mm256_set1_ps(p[s] * inv);
-                    for (int64_t i = 0; i < d; i += 8)
-                        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(V + s * d + i), _mm256_loadu_ps(o + i)));
+                // 64 dimensions at a time, their sums in registers across the columns
+                for (int64_t i0 = 0; i0 < d; i0 += 64) {
+                    const int nv = (int)((d - i0 < 64 ? d - i0 : 64) / 8);
+                    __m256 acc[8];
+                    for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
+                    for (int64_t s = 0; s < end; s++) {
+                        if (!m[s]) continue;
+                        const __m256 w = _mm256_set1_ps(p[s] * inv);
+                        const float* vs = V + s * d + i0;
+                        for (int v = 0; v < 8; v++)
+                            if (v < nv) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * v), acc[v]);
+                    }
+                    for (int v = 0; v < nv; v++) _mm256_storeu_ps(out + b * H * d + j * d + i0 + 8 * v, acc[v]);
                 }
-                for (int64_t i = 0; i < d; i++) out[b * H * d + j * d + i] = o[i];
             }
         }
-        free(q); free(p); free(o);
+        free(q); free(p);
     }
 }
 
