@@ -109,3 +109,16 @@ def test_a_packed_model_decodes_the_same_with_the_whole_block_fused(tmp_path, mo
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs):
             assert abs(x.logprob - y.logprob) < 1e-3
+
+
+def test_without_a_working_compiler_the_kernels_are_off_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached there
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    with pytest.raises(RuntimeError, match="building cpu_quant.cpp failed"):
+        kernels.build()
+    assert list((tmp_path / "tokenloom" / "kernels").iterdir()) == []  # no half-built library left
+    with caplog.at_level("WARNING"):
+        assert kernels.library.__wrapped__() is None
+    assert "using PyTorch's" in caplog.text
+    monkeypatch.setenv("TOKENLOOM_KERNELS", "0")
+    assert kernels.library.__wrapped__() is None
