@@ -86,6 +86,8 @@ def library() -> ctypes.CDLL | None:
     lib.tl_llama_block.argtypes = [p, i, i, p, p, f, p, p, p, p, p, p, p, p, p, i, p, p, p,
                                    i, i, i, p, p, p, p, i, p, i, p, f, ctypes.c_int]
     lib.tl_llama_block.restype = None
+    lib.tl_q4_dequant.argtypes = [p, p, i, i, p, ctypes.c_int]
+    lib.tl_q4_dequant.restype = None
     return lib
 
 
@@ -101,6 +103,14 @@ def q4_mm(x: torch.Tensor, codes: torch.Tensor, scale_min: torch.Tensor) -> torc
     """(M, K) float32 times Q4_1 weights (N, K): codes (N, K / 2) uint8, scale_min (N, K / 32, 2)
     float16 (a weight is scale * code + min) -> (M, N) float32. Rows are quantized to int8."""
     return _gemm(library().tl_q4_gemm, x, codes, scale_min, codes.shape[0])
+
+
+def q4_dequant(codes: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
+    """Q4_1 weights (as q4_mm takes them) expanded to float32 (N, K): scale * code + min."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    out = torch.empty(n, k)
+    library().tl_q4_dequant(codes.data_ptr(), scale_min.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -388,3 +388,30 @@ void tl_llama_block(float* x, int64_t B, int64_t D, const float* n1, const float
 }
 
 }
+
+extern "C" {
+
+// Q4_1 weights (N, K) expanded to float32 (N, K): scale * code + min, one pass (the prefill's
+// products run float32 GEMM on this).
+void tl_q4_dequant(const uint8_t* qs, const uint16_t* dm, int64_t N, int64_t K, float* out, int threads) {
+    const int64_t nb = K / QK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t* q = qs + (n * nb + b) * (QK / 2);
+            const __m256 d = _mm256_set1_ps(half_to_float(dm[2 * (n * nb + b)]));
+            const __m256 m = _mm256_set1_ps(half_to_float(dm[2 * (n * nb + b) + 1]));
+            const __m128i raw = _mm_loadu_si128((const __m128i*)q);
+            const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+            float* o = out + n * K + b * QK;
+            // weights 0-15 from the low nibbles, 16-31 from the high ones
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, m));
+            _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m));
+            _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m));
+            _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m));
+        }
+    }
+}
+
+}

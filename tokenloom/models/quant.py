@@ -194,7 +194,10 @@ class Q4Linear(_PackedLinear):
 
     def dense_t(self) -> torch.Tensor:
         """Expanded in the codes' own (out, in) order, then transposed as a view: GEMM takes a
-        transposed operand as it is, and writing (in, out) directly was a slow strided copy."""
+        transposed operand as it is, and writing (in, out) directly was a slow strided copy.
+        One pass in the kernels' library (~3x faster than the four PyTorch ops below)."""
+        if kernels.library() is not None:
+            return kernels.q4_dequant(self.codes, self.scale_min).t()
         n, k = self.out_features, self.in_features
         q = self.codes.view(n, k // GROUP, GROUP // 2)
         sm = self.scale_min.float()[..., None, :]  # (N, blocks, 1, 2)
