@@ -192,6 +192,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 self._fail(req, e)
                 continue
+            finally:  # the step's logits are freed before the next forward makes new ones
+                req.logits = None
             req.next_tokens = plan.tokens
             self._apply(req, plan)
         self._compact()
