@@ -42,7 +42,7 @@ def op_by_op(qkv, cos, sin, k_cache, v_cache, cols, end, mask, heads):
 def test_fused_attention_equals_rotary_cache_write_and_attention_op_by_op(rows):
     qkv, cos, sin, k, v, cols, end, mask = step_inputs(rows)
     k2, v2 = k.clone(), v.clone()
-    got = kernels.rope_attention(qkv, cos, sin, k, v, cols, end, mask, 64 ** -0.5, 9)
+    got = kernels.rope_attention(qkv, cos, sin, k, v, torch.arange(rows), cols, end, mask, 64 ** -0.5, 9)
     ref = op_by_op(qkv, cos, sin, k2, v2, cols, end, mask, 9)
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
     assert torch.equal(k, k2) and torch.equal(v, v2)  # rotary: the same products and sum, bit for bit
@@ -50,16 +50,40 @@ def test_fused_attention_equals_rotary_cache_write_and_attention_op_by_op(rows):
 
 def test_fused_attention_gives_a_row_the_same_bits_alone_and_at_any_width():
     qkv, cos, sin, k, v, cols, end, mask = step_inputs(7, seed=1)
-    batch = kernels.rope_attention(qkv, cos, sin, k.clone(), v.clone(), cols, end, mask, 0.125, 9)
+    batch = kernels.rope_attention(qkv, cos, sin, k.clone(), v.clone(), torch.arange(7), cols, end, mask, 0.125, 9)
     for r in range(7):
+        zero = torch.zeros(1, dtype=torch.long)  # the row's cache alone: its row 0
         one = kernels.rope_attention(qkv[r:r + 1], cos[r:r + 1], sin[r:r + 1], k[r:r + 1].clone(),
-                                     v[r:r + 1].clone(), cols[r:r + 1], end, mask[r:r + 1], 0.125, 9)
+                                     v[r:r + 1].clone(), zero, cols[r:r + 1], end, mask[r:r + 1], 0.125, 9)
         assert torch.equal(one[0], batch[r])
         wide = torch.zeros(1, end + 32, dtype=torch.bool)  # masked extra columns change nothing
         wide[:, :end] = mask[r]
         assert torch.equal(kernels.rope_attention(qkv[r:r + 1], cos[r:r + 1], sin[r:r + 1], k[r:r + 1].clone(),
-                                                  v[r:r + 1].clone(), cols[r:r + 1], end + 32, wide, 0.125, 9)[0],
+                                                  v[r:r + 1].clone(), zero, cols[r:r + 1], end + 32, wide, 0.125,
+                                                  9)[0],
                            batch[r])
+
+
+def test_fused_attention_reads_a_prompt_chunk_causally():
+    """One cache row, a chunk of T tokens after `start` cached ones: each token attends to the
+    cache and to the chunk's tokens up to itself (all keys written before any is read)."""
+    g = torch.Generator().manual_seed(3)
+    heads, kv, d, start, t, width = 9, 3, 64, 5, 11, 32
+    qkv = torch.randn(t, (heads + 2 * kv) * d, generator=g)
+    pos = torch.arange(start, start + t)
+    cos, sin = Rotary({"rope_theta": 10000.0}, d)(pos[None], torch.float32)
+    k, v = torch.randn(2, kv, width, d, generator=g), torch.randn(2, kv, width, d, generator=g)
+    k2, v2 = k.clone(), v.clone()
+    end = 16
+    mask = torch.arange(end)[None] <= pos[:, None]
+    got = kernels.rope_attention(qkv, cos.view(t, d), sin.view(t, d), k, v, torch.ones(t, dtype=torch.long), pos,
+                                 end, mask, d ** -0.5, heads)
+    x = qkv.view(1, t, heads + 2 * kv, d).transpose(1, 2)
+    qk = apply_rotary(x[:, :heads + kv], cos, sin)
+    k2[1, :, start:start + t], v2[1, :, start:start + t] = qk[0, heads:], x[0, heads + kv:]
+    ref = attend(qk[:, :heads], k2[1:, :, :end], v2[1:, :, :end], mask[None, None], None)[0]
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    assert torch.equal(k, k2) and torch.equal(v, v2)  # row 0 untouched, row 1 written
 
 
 def test_a_model_decodes_the_same_with_and_without_the_fused_step(tmp_path, monkeypatch):

@@ -199,6 +199,7 @@ class _RowView(_CrossMixin):
         c, t = self.cache, position_ids.shape[1]
         self.start, self.end = c.lengths[self.row], c.lengths[self.row] + t
         c.positions[self.row, self.start:self.end] = position_ids[0]
+        self._slots = None
         return c.positions[self.row:self.row + 1, :self.end]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -206,6 +207,14 @@ class _RowView(_CrossMixin):
         c.k[layer][r, :, self.start:self.end] = k[0]
         c.v[layer][r, :, self.start:self.end] = v[0]
         return c.k[layer][r:r + 1, :, :self.end], c.v[layer][r:r + 1, :, :self.end]
+
+    def slot_write(self, layer: int):
+        """As _StepView's: this chunk's tokens go to columns [start, end) of the row."""
+        c = self.cache
+        if self._slots is None:
+            self._slots = (torch.full((self.end - self.start,), self.row, dtype=torch.long, device=c.device),
+                           torch.arange(self.start, self.end, device=c.device))
+        return c.k[layer], c.v[layer], *self._slots, self.end
 
     def commit(self) -> None:
         self.cache.lengths[self.row] = self.end
@@ -245,10 +254,10 @@ class _StepView(_CrossMixin):
         return c.k[layer][:self.n, :, :self.end], c.v[layer][:self.n, :, :self.end]
 
     def slot_write(self, layer: int):
-        """For a fused decode kernel (kernels.rope_attention): the layer's whole key and value
-        tensors, the column each row's token goes to, and the attention width."""
+        """For a fused kernel (kernels.rope_attention): the layer's whole key and value tensors,
+        the row and column each token goes to, and the attention width."""
         c = self.cache
-        return c.k[layer], c.v[layer], self.cols, self.end
+        return c.k[layer], c.v[layer], self.ar, self.cols, self.end
 
     def commit(self) -> None:
         for r in range(self.live):  # padding rows stay empty (they rewrite column 0)

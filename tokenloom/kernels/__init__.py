@@ -80,11 +80,11 @@ def library() -> ctypes.CDLL | None:
     for fn in (lib.tl_q4_gemm, lib.tl_q8_gemm):
         fn.argtypes = [p, i, i, p, p, i, p, ctypes.c_int]
         fn.restype = None
-    lib.tl_rope_attention.argtypes = [p, i, i, i, i, p, p, p, p, i, p, i, p, i, ctypes.c_float, p, ctypes.c_int]
+    lib.tl_rope_attention.argtypes = [p, i, i, i, i, p, p, p, p, i, p, p, i, p, i, ctypes.c_float, p, ctypes.c_int]
     lib.tl_rope_attention.restype = None
     f = ctypes.c_float
     lib.tl_llama_block.argtypes = [p, i, i, p, p, f, p, p, p, p, p, p, p, p, p, i, p, p, p,
-                                   i, i, i, p, p, p, p, i, p, i, p, f, ctypes.c_int]
+                                   i, i, i, p, p, p, p, i, p, p, i, p, f, ctypes.c_int]
     lib.tl_llama_block.restype = None
     lib.tl_q4_dequant.argtypes = [p, p, i, i, p, ctypes.c_int]
     lib.tl_q4_dequant.restype = None
@@ -119,38 +119,42 @@ def q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.T
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, cols: torch.Tensor, end: int, mask: torch.Tensor, scale: float,
-                   n_heads: int) -> torch.Tensor:
-    """One decode step of rotary grouped-query attention, rows each at their own cache column.
+                   v_cache: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, end: int, mask: torch.Tensor,
+                   scale: float, n_heads: int) -> torch.Tensor:
+    """Rotary grouped-query attention for B tokens, each at its own cache row and column (a
+    decode step: a token per row; a prompt chunk: tokens of one row).
 
     qkv (B, (H + 2 * Hkv) * d) float32, the fused projection's output; cos, sin (B, d) (sin with
     rotate_half's sign folded in, see models/base.py Rotary); k_cache, v_cache (rows, Hkv, W, d),
-    contiguous, into which the step's rotated key and value are written at column cols[b] (int64,
-    (B,)); mask (B, end) bool. Returns (B, H * d)."""
+    contiguous, into which token b's rotated key and value are written at row rows[b], column
+    cols[b] (int64, (B,)); mask (B, end) bool. Returns (B, H * d)."""
     b, width = qkv.shape
-    rows, n_kv, w, d = k_cache.shape
+    n_rows, n_kv, w, d = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
-    assert width == (n_heads + 2 * n_kv) * d and d % 8 == 0 and rows >= b and mask.shape == (b, end)
+    assert width == (n_heads + 2 * n_kv) * d and d % 8 == 0 and mask.shape == (b, end)
+    assert rows.shape == cols.shape == (b,) and rows.dtype == cols.dtype == torch.long
     qkv, cos, sin, mask = qkv.contiguous(), cos.contiguous(), sin.contiguous(), mask.contiguous()
     out = torch.empty(b, n_heads * d)
     library().tl_rope_attention(qkv.data_ptr(), b, n_heads, n_kv, d, cos.data_ptr(), sin.data_ptr(),
-                                k_cache.data_ptr(), v_cache.data_ptr(), w, cols.data_ptr(), end,
+                                k_cache.data_ptr(), v_cache.data_ptr(), w, rows.data_ptr(), cols.data_ptr(), end,
                                 mask.data_ptr(), end, scale, out.data_ptr(), torch.get_num_threads())
     return out
 
 
 def llama_block(weights: tuple, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, cols: torch.Tensor, end: int, mask: torch.Tensor) -> torch.Tensor:
-    """One decode step of a whole Llama-style block with Q4_1 projections (tl_llama_block).
+                v_cache: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, end: int,
+                mask: torch.Tensor) -> torch.Tensor:
+    """A whole Llama-style block with Q4_1 projections (tl_llama_block) for B tokens at cache
+    rows / columns `rows` / `cols` (as rope_attention), x (..., D) holding B = x.numel() // D.
 
     `weights`: (norm1, norm2, eps, qkv, o, gate_up, intermediate, down, heads, kv heads, head
     dim, scale) with each projection as (codes, scale_min, bias or None); see models/llama.py.
-    x (B, 1, D) is not modified: the result is a new tensor."""
+    x is not modified: the result is a new tensor."""
     n1, n2, eps, qkv, o, gu, inter, dn, h, hkv, d, scale = weights
-    out = x.reshape(x.shape[0], -1).clone()
+    out = x.reshape(-1, x.shape[-1]).clone()
     b, dim = out.shape
-    rows, _, w, _ = k_cache.shape
-    assert rows >= b and mask.shape == (b, end) and cos.shape == sin.shape == (b, d)
+    w = k_cache.shape[2]
+    assert mask.shape == (b, end) and cos.shape == sin.shape == (b, d) and rows.shape == cols.shape == (b,)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and dim % 32 == 0
     cos, sin, mask = cos.contiguous(), sin.contiguous(), mask.contiguous()
 
@@ -159,6 +163,7 @@ def llama_block(weights: tuple, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
     library().tl_llama_block(out.data_ptr(), b, dim, n1.data_ptr(), n2.data_ptr(), eps, *ptrs(qkv), *ptrs(o),
                              *ptrs(gu), inter, *ptrs(dn), h, hkv, d, cos.data_ptr(), sin.data_ptr(),
-                             k_cache.data_ptr(), v_cache.data_ptr(), w, cols.data_ptr(), end, mask.data_ptr(),
+                             k_cache.data_ptr(), v_cache.data_ptr(), w, rows.data_ptr(), cols.data_ptr(), end,
+                             mask.data_ptr(),
                              scale, torch.get_num_threads())
     return out.view(x.shape)

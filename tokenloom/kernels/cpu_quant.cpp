@@ -254,16 +254,19 @@ void tl_q8_gemm(const float* x, int64_t M, int64_t K, const int8_t* qs, const ui
 }
 
 
-// One decode step of rotary self-attention for B rows, each with its own cache column:
-// qkv (B, (H + 2 * Hkv) * d) as the fused projection gives it; cos / sin (B, d), sin carrying
-// rotate_half's sign; caches (rows, Hkv, W, d), where this step's rotated key and value go to
-// column cols[b]; mask (B, mask_stride) bytes, nonzero where a row may attend to a column among
-// the first `end`; out (B, H * d). Grouped-query heads: q heads [g * H / Hkv, (g + 1) * H / Hkv)
-// read kv head g. A (row, kv head) pair is one task, so rows never share arithmetic.
+// Rotary self-attention for B tokens, each at its own cache row and column: a decode step (B
+// rows, one token each: rows[b] = b) or a prompt chunk (one row, B tokens in a row). qkv
+// (B, (H + 2 * Hkv) * d) as the fused projection gives it; cos / sin (B, d), sin carrying
+// rotate_half's sign; caches (rows, Hkv, W, d), where token b's rotated key and value go to
+// column cols[b] of row rows[b]; mask (B, mask_stride) bytes, nonzero where token b may attend
+// to a column among the first `end`; out (B, H * d). Grouped-query heads: q heads
+// [g * H / Hkv, (g + 1) * H / Hkv) read kv head g. Every key and value is written before any
+// is read (a chunk's tokens read each other's); a (token, kv head) pair is then one task, so
+// rows never share arithmetic.
 void tl_rope_attention(const float* qkv, int64_t B, int64_t H, int64_t Hkv, int64_t d,
                        const float* cos, const float* sin, float* kc, float* vc, int64_t W,
-                       const int64_t* cols, int64_t end, const uint8_t* mask, int64_t mask_stride,
-                       float scale, float* out, int threads) {
+                       const int64_t* rows, const int64_t* cols, int64_t end, const uint8_t* mask,
+                       int64_t mask_stride, float scale, float* out, int threads) {
     const int64_t group = H / Hkv, width = (H + 2 * Hkv) * d;
 #pragma omp parallel num_threads(threads)
     {
@@ -273,12 +276,19 @@ void tl_rope_attention(const float* qkv, int64_t B, int64_t H, int64_t Hkv, int6
         for (int64_t t = 0; t < B * Hkv; t++) {
             const int64_t b = t / Hkv, g = t % Hkv;
             const float* row = qkv + b * width;
+            float* K = kc + (rows[b] * Hkv + g) * W * d;
+            float* V = vc + (rows[b] * Hkv + g) * W * d;
+            rotate(row + (H + g) * d, cos + b * d, sin + b * d, d, K + cols[b] * d);
+            for (int64_t i = 0; i < d; i++) V[cols[b] * d + i] = row[(H + Hkv + g) * d + i];
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < B * Hkv; t++) {
+            const int64_t b = t / Hkv, g = t % Hkv;
+            const float* row = qkv + b * width;
             const float* c = cos + b * d;
             const float* sn = sin + b * d;
-            float* K = kc + (b * Hkv + g) * W * d;
-            float* V = vc + (b * Hkv + g) * W * d;
-            rotate(row + (H + g) * d, c, sn, d, K + cols[b] * d);
-            for (int64_t i = 0; i < d; i++) V[cols[b] * d + i] = row[(H + Hkv + g) * d + i];
+            const float* K = kc + (rows[b] * Hkv + g) * W * d;
+            const float* V = vc + (rows[b] * Hkv + g) * W * d;
             const uint8_t* m = mask + b * mask_stride;
             for (int64_t j = g * group; j < (g + 1) * group; j++) {
                 rotate(row + j * d, c, sn, d, q);
@@ -357,7 +367,7 @@ void tl_llama_block(float* x, int64_t B, int64_t D, const float* n1, const float
                     const uint8_t* gu_qs, const uint16_t* gu_dm, const float* gu_b, int64_t I,
                     const uint8_t* dn_qs, const uint16_t* dn_dm, const float* dn_b,
                     int64_t H, int64_t Hkv, int64_t d, const float* cos, const float* sin,
-                    float* kc, float* vc, int64_t W, const int64_t* cols, int64_t end,
+                    float* kc, float* vc, int64_t W, const int64_t* rows, const int64_t* cols, int64_t end,
                     const uint8_t* mask, float scale, int threads) {
     const int64_t nqkv = (H + 2 * Hkv) * d;
     float* h = (float*)malloc(sizeof(float) * B * (D > I ? D : I));
@@ -368,7 +378,7 @@ void tl_llama_block(float* x, int64_t B, int64_t D, const float* n1, const float
     rms_norm_rows(x, B, D, n1, eps, h);
     tl_q4_gemm(h, B, D, qkv_qs, qkv_dm, nqkv, qkv, threads);
     add_bias(qkv, B, nqkv, qkv_b);
-    tl_rope_attention(qkv, B, H, Hkv, d, cos, sin, kc, vc, W, cols, end, mask, end, scale, att, threads);
+    tl_rope_attention(qkv, B, H, Hkv, d, cos, sin, kc, vc, W, rows, cols, end, mask, end, scale, att, threads);
     tl_q4_gemm(att, B, H * d, o_qs, o_dm, D, y, threads);
     add_bias(y, B, D, o_b);
     for (int64_t i = 0; i < B * D; i++) x[i] += y[i];

@@ -52,11 +52,13 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def slot_write(self, layer: int):
-        """As SlotCache's step view: (keys, values, each row's write column, width) of a
-        one-token step, for a fused decode kernel."""
+        """As SlotCache's views: (keys, values, each token's row and column, width) of this
+        step's B x T tokens (row-major), for a fused kernel."""
         if self._cols is None:
-            self._cols = torch.full((self.batch_size,), self.length, dtype=torch.long, device=self.positions.device)
-        return self.k[layer], self.v[layer], self._cols, self.length + self._pending
+            dev, b, t = self.positions.device, self.batch_size, self._pending
+            self._cols = (torch.arange(b, device=dev).repeat_interleave(t),
+                          torch.arange(self.length, self.length + t, device=dev).repeat(b))
+        return self.k[layer], self.v[layer], *self._cols, self.length + self._pending
 
     def commit(self) -> None:
         self.length += self._pending

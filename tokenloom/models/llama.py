@@ -17,7 +17,7 @@ from tokenloom import kernels
 from tokenloom.models.base import (OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask,
                                    embedding, fuse, fused_decode_ok, fused_halves, rope_parameters)
 from tokenloom.models.cache import KVCache
-from tokenloom.models.quant import Q4Linear
+from tokenloom.models.quant import DENSE_MIN, Q4Linear
 
 
 @dataclass
@@ -66,9 +66,9 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         if t == 1 and fused_decode_ok(qkv, mask, cache, self.hd):
             # rotary, the cache write and attention in one kernel call instead of ~25 small ops
-            k_all, v_all, cols, end = cache.slot_write(self.layer)
-            out = kernels.rope_attention(qkv.view(b, -1), cos.view(b, -1), sin.view(b, -1), k_all, v_all, cols,
-                                         end, mask.view(b, -1), self.hd ** -0.5, self.n_heads)
+            k_all, v_all, rows, cols, end = cache.slot_write(self.layer)
+            out = kernels.rope_attention(qkv.view(b, -1), cos.view(b, -1), sin.view(b, -1), k_all, v_all, rows,
+                                         cols, end, mask.view(b, -1), self.hd ** -0.5, self.n_heads)
             return self.o_proj(out.view(b, 1, -1))
         qkv = qkv.view(b, t, self.n_heads + 2 * self.n_kv, self.hd).transpose(1, 2)
         # (B, h, T, hd); q and k rotate together, in one set of element-wise ops
@@ -99,12 +99,13 @@ class Block(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, x, cos, sin, mask, cache):
-        if x.shape[1] == 1 and fused_decode_ok(x, mask, cache, self.self_attn.hd) and self.fused_weights():
-            # a decode step of the whole block in one kernel call (Q4_1 projections only)
-            k_all, v_all, cols, end = cache.slot_write(self.self_attn.layer)
-            b = x.shape[0]
-            return kernels.llama_block(self._fused, x, cos.view(b, -1), sin.view(b, -1), k_all, v_all, cols, end,
-                                       mask.view(b, -1))
+        n = x.shape[0] * x.shape[1]
+        if n < DENSE_MIN and fused_decode_ok(x, mask, cache, self.self_attn.hd) and self.fused_weights():
+            # the whole block in one kernel call (Q4_1 projections only): decode steps, and prompt
+            # chunks short enough for the packed products (longer ones expand the weights, quant.py)
+            k_all, v_all, rows, cols, end = cache.slot_write(self.self_attn.layer)
+            return kernels.llama_block(self._fused, x, cos.reshape(n, -1), sin.reshape(n, -1), k_all, v_all, rows,
+                                       cols, end, mask.reshape(n, -1))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
