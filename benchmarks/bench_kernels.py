@@ -4,10 +4,11 @@
 
 For all 30 layers' shapes (qkv 576x960, o 576x576, gate/up 576x3072, down 1536x576), each layer
 with its own random weights so that they come from memory and not from cache, and M rows of
-activations: int4 (`_weight_int4pack_mm_for_cpu`, groups of 32), int8 per channel
-(`_weight_int8pack_mm`), both with bfloat16 activations as tokenloom's decode uses them, and
-float32. Also the output head (576 x 49152) and the cost of expanding every int4 layer to float32
-(what a prefill chunk pays). The CPU capability decides which kernels PyTorch dispatches to, so
+activations: tokenloom's own Q4_1 and Q8_0 kernels (tokenloom/kernels, int8 activations), where
+they build; PyTorch's int4 (`_weight_int4pack_mm_for_cpu`, groups of 32) and int8 per channel
+(`_weight_int8pack_mm`), both with bfloat16 activations (the fallback); and float32. Also the
+output head (576 x 49152) and the cost of expanding every int4 layer to float32 (what a prefill
+chunk pays). The CPU capability decides which kernels PyTorch dispatches to, so
 the figures differ a lot between AVX2 and AVX-512 machines.
 """
 
@@ -18,7 +19,8 @@ import time
 
 import torch
 
-from tokenloom.models.quant import Int4Linear, Int8Linear
+from tokenloom import kernels
+from tokenloom.models.quant import Int4Linear, Int8Linear, Q4Linear, Q8Linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in)
 LAYERS = 30
@@ -40,23 +42,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     weights = [[torch.randn(n, k) * 0.05 for n, k in SHAPES] for _ in range(LAYERS)]
-    int4 = [[Int4Linear(w, None) for w in layer] for layer in weights]
-    int8 = [[Int8Linear(w, None) for w in layer] for layer in weights]
+    kinds = {"int4 (PyTorch)": Int4Linear, "int8 (PyTorch)": Int8Linear}
+    if kernels.library() is not None:
+        kinds = {"Q4_1 (ours)": Q4Linear, "Q8_0 (ours)": Q8Linear, **kinds}
+    packed = {name: [[cls(w, None) for w in layer] for layer in weights] for name, cls in kinds.items()}
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
           f"ms for the products of all {LAYERS} layers")
-    print("| rows M | int4 | int8 | float32 |\n|---|---|---|---|")
+    print("| rows M | " + " | ".join(packed) + " | float32 |\n|---|" + "---|" * (len(packed) + 1))
     for m in (1, 4, 8, 32):
         x = {k: torch.randn(m, 1, k) for _, k in SHAPES}
-        row = [timed(lambda: [lin(x[lin.in_features]) for layer in packed for lin in layer], args.reps)
-               for packed in (int4, int8)]
+        row = [timed(lambda: [lin(x[lin.in_features]) for layer in layers for lin in layer], args.reps)
+               for layers in packed.values()]
         row.append(timed(lambda: [x[w.shape[1]] @ w.t() for layer in weights for w in layer], args.reps))
         print(f"| {m} | " + " | ".join(f"{t:.1f}" for t in row) + " |")
-    expand = timed(lambda: [lin.dense_t() for layer in int4 for lin in layer], args.reps)
-    print(f"\nexpanding every int4 layer to float32 (once per prefill chunk): {expand:.0f} ms")
+    for name, layers in packed.items():
+        if "int4" in name or "Q4" in name:
+            expand = timed(lambda: [lin.dense_t() for layer in layers for lin in layer], args.reps)
+            print(f"\nexpanding every {name} layer to float32 (once per prefill chunk): {expand:.0f} ms")
     head = torch.randn(49152, 576) * 0.05
-    h8, x1 = Int8Linear(head, None), torch.randn(1, 1, 576)
-    print(f"output head 576x49152, one row: int8 {timed(lambda: h8(x1), 10):.2f} ms, "
-          f"float32 {timed(lambda: x1 @ head.t(), 10):.2f} ms")
+    x1 = torch.randn(1, 1, 576)
+    heads = [cls(head, None) for name, cls in kinds.items() if "8" in name]
+    print("output head 576x49152, one row: " + ", ".join(f"{type(h).__name__} {timed(lambda: h(x1), 10):.2f} ms"
+                                                          for h in heads)
+          + f", float32 {timed(lambda: x1 @ head.t(), 10):.2f} ms")
 
 
 if __name__ == "__main__":
