@@ -211,6 +211,7 @@ class _RowView(_CrossMixin):
     def slot_write(self, layer: int):
         """As _StepView's: this chunk's tokens go to columns [start, end) of the row."""
         c = self.cache
+        assert self.end <= c.width  # fused kernels write there unchecked
         if self._slots is None:
             self._slots = (torch.full((self.end - self.start,), self.row, dtype=torch.long, device=c.device),
                            torch.arange(self.start, self.end, device=c.device))
@@ -226,6 +227,8 @@ class _StepView(_CrossMixin):
     def __init__(self, cache: SlotCache, live: int):
         n = _round(live, cache.min_rows)
         self.cache, self.n, self.live = cache, n, live
+        # every row's new column lies inside the cache (fused kernels write there unchecked)
+        assert max(cache.lengths[:n]) < cache.width and n <= cache.rows
         self.cols = torch.tensor(cache.lengths[:n], device=cache.device)
         self.ar = torch.arange(n, device=cache.device)
         self.end = _round(max(cache.lengths[:n]) + 1, cache.block)

@@ -1,4 +1,8 @@
-// Quantized matrix products for x86 CPUs with AVX2: the decode-time kernels of tokenloom.
+// tokenloom's CPU kernels for x86 with AVX2, for decode steps and short prompt chunks:
+// - tl_q4_gemm / tl_q8_gemm: products with quantized weights (below);
+// - tl_rope_attention: rotary, the KV-cache write and attention for a step's tokens;
+// - tl_llama_block: a whole Llama-style block (norms, products, attention, SwiGLU) in one call;
+// - tl_q4_dequant: Q4_1 weights expanded to float32, for the float32 GEMM of long prefills.
 //
 // Weights stay in blocks of 32 along the input, as GGUF's Q4_1 and Q8_0 store them; each row of
 // activations is quantized to int8 in the same blocks (one scale per block), and a block's dot
