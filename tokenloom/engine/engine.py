@@ -219,7 +219,7 @@ class Engine:
             else:
                 req.logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
             req.usable = all(usable[r] for r in rows)
-            if getattr(req, "plain_greedy", False):
+            if req.plain_greedy:
                 top = logits.argmax(dim=-1).tolist() if top is None else top
                 req.greedy = [top[r] for r in rows]
 

@@ -126,7 +126,7 @@ class Request:
             raise FloatingPointError("the model produced NaN or infinite logits")
         lps = None
         greedy, self.greedy = self.greedy, None
-        if greedy is not None and self.plain_greedy:
+        if greedy is not None:  # set by the engine only for plain_greedy requests
             tokens_t = torch.tensor(greedy, device=self.device)
         elif self.chain.is_noop and self.config.logprobs is None:
             tokens_t = self.chain.draw(logits, self._state())
@@ -213,10 +213,7 @@ class BeamRequest(Request):
         self.process = _hook(self.config, eos, vocab_size, tokenizer)
         self.model = model
 
-    @property
-    def plain_greedy(self) -> bool:
-        """Argmax of the raw logits and nothing else: the engine may pick the tokens itself."""
-        return not self.chain.sampling and self.chain.is_noop and self.config.logprobs is None
+    plain_greedy = False  # a search step reads every beam's whole distribution
 
     @property
     def rows_needed(self) -> int:

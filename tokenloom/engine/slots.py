@@ -111,7 +111,7 @@ class SlotCache:
         self.mem_lengths += [0] * (new_rows - self.rows)
         self.rows, self.width, self.mem_width = new_rows, new_width, new_mem
         # measured at 32 rows, 48 -> 64 columns (+23 MB of cache): RSS +62 MB without the trims,
-        # +7 MB with them (benchmarks/peak_memory.py: batch-32 peak 514 -> 495 MB)
+        # +7 MB with them (benchmarks/peak_memory.py: batch-32 peak 514 -> 490 MB)
         trim_heap()
 
     # ------------------------------------------------------------------ rows

@@ -129,7 +129,7 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_ca
     contiguous, into which token b's rotated key and value are written at row rows[b], column
     cols[b] (int64, (B,)); mask (B, end) bool. Returns (B, H * d)."""
     b, width = qkv.shape
-    n_rows, n_kv, w, d = k_cache.shape
+    _, n_kv, w, d = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
     assert width == (n_heads + 2 * n_kv) * d and d % 8 == 0 and mask.shape == (b, end)
     assert rows.shape == cols.shape == (b,) and rows.dtype == cols.dtype == torch.long
@@ -164,6 +164,5 @@ def llama_block(weights: tuple, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     library().tl_llama_block(out.data_ptr(), b, dim, n1.data_ptr(), n2.data_ptr(), eps, *ptrs(qkv), *ptrs(o),
                              *ptrs(gu), inter, *ptrs(dn), h, hkv, d, cos.data_ptr(), sin.data_ptr(),
                              k_cache.data_ptr(), v_cache.data_ptr(), w, rows.data_ptr(), cols.data_ptr(), end,
-                             mask.data_ptr(),
-                             scale, torch.get_num_threads())
+                             mask.data_ptr(), scale, torch.get_num_threads())
     return out.view(x.shape)

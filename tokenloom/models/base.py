@@ -141,10 +141,11 @@ def attend(q, k, v, mask, scale: float | None) -> torch.Tensor:
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 
-def fused_decode_ok(qkv: torch.Tensor, mask: torch.Tensor | None, cache, head_dim: int) -> bool:
-    """Whether a one-token step may run kernels.rope_attention: our kernels built, float32 on
-    the CPU, a boolean mask, and a cache that can say where each row's token goes."""
-    return (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and mask is not None
+def fused_decode_ok(x: torch.Tensor, mask: torch.Tensor | None, cache, head_dim: int) -> bool:
+    """Whether a step may run the fused kernels (kernels.rope_attention, kernels.llama_block):
+    our kernels built, float32 on the CPU, a boolean mask, and a cache that can say where each
+    token goes (`slot_write`)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and mask is not None
             and mask.dtype == torch.bool and head_dim % 8 == 0 and hasattr(cache, "slot_write")
             and kernels.library() is not None)
 

@@ -120,11 +120,11 @@ class Block(nn.Module):
             norms = (self.input_layernorm, self.post_attention_layernorm)
             ok = (all(isinstance(p, Q4Linear) for p in lins) and a.hd % 8 == 0
                   and all(type(n) is RMSNorm and not n.offset and n.weight.dtype == torch.float32 for n in norms))
-            self._fused = () if not ok else (
-                norms[0].weight.detach(), norms[1].weight.detach(), float(norms[0].eps),
-                *[(p.codes, p.scale_min, p.bias) for p in lins[:3]], m.intermediate, (lins[3].codes, lins[3].scale_min,
-                                                                                      lins[3].bias),
-                a.n_heads, a.n_kv, a.hd, a.hd ** -0.5)
+            self._fused = ()
+            if ok:
+                qkv, o, gate_up, down = [(p.codes, p.scale_min, p.bias) for p in lins]
+                self._fused = (norms[0].weight.detach(), norms[1].weight.detach(), float(norms[0].eps),
+                               qkv, o, gate_up, m.intermediate, down, a.n_heads, a.n_kv, a.hd, a.hd ** -0.5)
         return bool(self._fused)
 
 

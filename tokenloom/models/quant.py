@@ -4,7 +4,8 @@ A decode step (one new token per row) is bound by the bytes of weights it reads,
 kernels that read the packed weights directly. Two sets:
 - tokenloom's own (kernels/cpu_quant.cpp; x86 with AVX2): `Q4Linear` (Q4_1 blocks) and
   `Q8Linear` (Q8_0 blocks), with each row of activations quantized to int8 per block, as
-  llama.cpp does. 1.5-2x faster than PyTorch's here, at every batch size.
+  llama.cpp does. 1.4-2x faster than PyTorch's here, at every batch size
+  (benchmarks/bench_kernels.py).
 - PyTorch's, where ours do not build: `Int4Linear` (`_weight_int4pack_mm_for_cpu`) and
   `Int8Linear` (`_weight_int8pack_mm`, per output channel), fast only with bfloat16
   activations, so rows go in and out as bfloat16 around the product.
@@ -174,10 +175,10 @@ class Int8Linear(_PackedLinear):
 class Q4Linear(_PackedLinear):
     """int4 in Q4_1 blocks (per 32 inputs: fp16 scale and min, 16 bytes of codes), run by
     tokenloom's own kernel (kernels/cpu_quant.cpp), which quantizes each row of activations to
-    int8 per block and sums products in integers, as llama.cpp does. On AVX2 it is ~1.7x faster
-    than `_weight_int4pack_mm_for_cpu` at one row and ~1.3x at 32, and its activations keep 8
-    bits per block where that kernel's bfloat16 keeps 8 per value (measured error against
-    float32: 0.5% vs 1.9%)."""
+    int8 per block and sums products in integers, as llama.cpp does. On AVX2 it is ~1.4-1.7x
+    faster than `_weight_int4pack_mm_for_cpu` from one row to 32 (benchmarks/bench_kernels.py),
+    and its activations keep 8 bits per block where that kernel's bfloat16 keeps 8 per value
+    (measured error against float32: 0.5% vs 1.9%). Built only where the kernels are."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -193,18 +194,10 @@ class Q4Linear(_PackedLinear):
         return kernels.q4_mm(x, self.codes, self.scale_min)
 
     def dense_t(self) -> torch.Tensor:
-        """Expanded in the codes' own (out, in) order, then transposed as a view: GEMM takes a
-        transposed operand as it is, and writing (in, out) directly was a slow strided copy.
-        One pass in the kernels' library (~3x faster than the four PyTorch ops below)."""
-        if kernels.library() is not None:
-            return kernels.q4_dequant(self.codes, self.scale_min).t()
-        n, k = self.out_features, self.in_features
-        q = self.codes.view(n, k // GROUP, GROUP // 2)
-        sm = self.scale_min.float()[..., None, :]  # (N, blocks, 1, 2)
-        out = torch.empty(n, k // GROUP, 2, GROUP // 2)
-        out[:, :, 0].copy_(q & 15)  # cast first, then scale in place (see Int4Linear.dense_t)
-        out[:, :, 1].copy_(q >> 4)
-        return out.view(n, k // GROUP, GROUP).mul_(sm[..., 0]).add_(sm[..., 1]).view(n, k).t()
+        """Expanded in one kernel pass in the codes' own (out, in) order (0.2 ms for 3072 x 576,
+        against 1.9 ms for four PyTorch ops), then transposed as a view: GEMM takes a transposed
+        operand as it is."""
+        return kernels.q4_dequant(self.codes, self.scale_min).t()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q4_1 blocks of {GROUP}"
@@ -275,8 +268,8 @@ class W8A8Linear(nn.Module):
 
     Activations are quantized per row, never per tensor, so a row's numbers do not depend on its
     neighbours: each row is scaled to [-63, 63] by its own absolute maximum and sent as two
-    rows, its rounding and its rounding error times 126, which together carry ~13 bits (one 8-bit row alone cost +1.5% perplexity on
-    the default model). Integer sums are exact, so the result does not depend on how the kernel
+    rows, its rounding and its rounding error times 126, which together carry ~13 bits (one
+    8-bit row alone cost +1.5% perplexity on the default model). Integer sums are exact, so the result does not depend on how the kernel
     blocks the rows either. Activations get 7 bits per row, not 8, so that the weights can keep 8
     (per output channel, as the int8 layers): the kernel adds pairs of uint8 x int8 products in
     int16, which 8 x 8 bits could overflow.
@@ -361,7 +354,8 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Swap every nn.Linear of a float32 CPU model (in place) for an int4, int8 or w8a8 one.
 
     int4: the head gets int8, as does any layer the int4 layout cannot take (an input size that
-    is not a multiple of 32, say). Our kernels' layers where they build, else PyTorch's. w8a8: every layer, the head too, multiplies int8 by int8.
+    is not a multiple of 32, say). Our kernels' layers where they build, else PyTorch's.
+    w8a8: every layer, the head too, multiplies int8 by int8.
     Embedding tables become int8 rows; one tied to a weight-only int8 head shares its codes.
     """
     if mode not in MODES:
