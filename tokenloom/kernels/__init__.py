@@ -1,4 +1,4 @@
-"""tokenloom's own CPU kernels (cpu_quant.cpp): quantized products for decode steps.
+"""tokenloom's own CPU kernels (cpu_quant.cpp): quantized products, rotary attention, Llama blocks.
 
 The C++ source is compiled on first use with the system's compiler (`c++`, or $CXX) into the
 user cache, keyed by a hash of the source and flags, and called through ctypes: no PyTorch
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 1
+ABI = 2
 QK = 32  # weights per block, as in the C++ source
 
 
@@ -86,8 +86,6 @@ def library() -> ctypes.CDLL | None:
     lib.tl_llama_block.argtypes = [p, i, i, p, p, f, p, p, p, p, p, p, p, p, p, i, p, p, p,
                                    i, i, i, p, p, p, p, i, p, p, i, p, f, ctypes.c_int]
     lib.tl_llama_block.restype = None
-    lib.tl_q4_dequant.argtypes = [p, p, i, i, p, ctypes.c_int]
-    lib.tl_q4_dequant.restype = None
     return lib
 
 
@@ -100,17 +98,10 @@ def _gemm(fn, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, n: int
 
 
 def q4_mm(x: torch.Tensor, codes: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
-    """(M, K) float32 times Q4_1 weights (N, K): codes (N, K / 2) uint8, scale_min (N, K / 32, 2)
-    float16 (a weight is scale * code + min) -> (M, N) float32. Rows are quantized to int8."""
-    return _gemm(library().tl_q4_gemm, x, codes, scale_min, codes.shape[0])
-
-
-def q4_dequant(codes: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
-    """Q4_1 weights (as q4_mm takes them) expanded to float32 (N, K): scale * code + min."""
-    n, k = codes.shape[0], codes.shape[1] * 2
-    out = torch.empty(n, k)
-    library().tl_q4_dequant(codes.data_ptr(), scale_min.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
-    return out
+    """(M, K) float32 times Q4_1 weights (N, K) in the kernel's layout (models/quant.py q4_repack):
+    codes (N / 8, K / 32, 128) uint8, scale_min (N / 8, K / 32, 16) float16 -> (M, N) float32.
+    Rows are quantized to int8 per block of 32."""
+    return _gemm(library().tl_q4_gemm, x, codes, scale_min, codes.shape[0] * 8)
 
 
 def q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
