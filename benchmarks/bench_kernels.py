@@ -6,10 +6,11 @@ For all 30 layers' shapes (qkv 576x960, o 576x576, gate/up 576x3072, down 1536x5
 with its own random weights so that they come from memory and not from cache, and M rows of
 activations: tokenloom's own Q4_1 and Q8_0 kernels (tokenloom/kernels, int8 activations), where
 they build; PyTorch's int4 (`_weight_int4pack_mm_for_cpu`, groups of 32) and int8 per channel
-(`_weight_int8pack_mm`), both with bfloat16 activations (the fallback); and float32. Also the
-output head (576 x 49152) and the cost of expanding every int4 layer to float32 (what a prefill
-chunk pays). The CPU capability decides which kernels PyTorch dispatches to, so
-the figures differ a lot between AVX2 and AVX-512 machines.
+(`_weight_int8pack_mm`), both with bfloat16 activations (the fallback); and float32. The last
+row is a 512-token prefill, where PyTorch's layers expand their weights to float32 for a GEMM
+and ours stay packed. Also the output head (576 x 49152) at 1 and 32 rows. The CPU capability
+decides which kernels PyTorch dispatches to, so the figures differ a lot between AVX2 and
+AVX-512 machines.
 """
 
 from __future__ import annotations
@@ -49,23 +50,19 @@ def main() -> None:
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
           f"ms for the products of all {LAYERS} layers")
     print("| rows M | " + " | ".join(packed) + " | float32 |\n|---|" + "---|" * (len(packed) + 1))
-    for m in (1, 4, 8, 32):
-        x = {k: torch.randn(m, 1, k) for _, k in SHAPES}
+    for m in (1, 4, 8, 32, 512):
+        x = {k: torch.randn(m, 1, k) if m < 512 else torch.randn(1, m, k) for _, k in SHAPES}
         row = [timed(lambda: [lin(x[lin.in_features]) for layer in layers for lin in layer], args.reps)
                for layers in packed.values()]
         row.append(timed(lambda: [x[w.shape[1]] @ w.t() for layer in weights for w in layer], args.reps))
         print(f"| {m} | " + " | ".join(f"{t:.1f}" for t in row) + " |")
-    for name, layers in packed.items():
-        if "int4" in name or "Q4" in name:
-            expand = timed(lambda: [lin.dense_t() for layer in layers for lin in layer], args.reps)
-            print(f"\nexpanding every {name} layer to float32 (once per prefill chunk): {expand:.0f} ms")
     head = torch.randn(49152, 576) * 0.05
-    x1 = torch.randn(1, 1, 576)
     heads = [cls(head, None) for name, cls in kinds.items() if "8" in name]
-    print("output head 576x49152, one row: " + ", ".join(f"{type(h).__name__} {timed(lambda: h(x1), 10):.2f} ms"
-                                                          for h in heads)
-          + f", float32 {timed(lambda: x1 @ head.t(), 10):.2f} ms")
-
+    for m in (1, 32):
+        x = torch.randn(m, 1, 576)
+        print(f"output head 576x49152, {m} row(s): "
+              + ", ".join(f"{type(h).__name__} {timed(lambda: h(x), 10):.2f} ms" for h in heads)
+              + f", float32 {timed(lambda: x @ head.t(), 10):.2f} ms")
 
 if __name__ == "__main__":
     main()

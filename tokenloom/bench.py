@@ -117,7 +117,7 @@ def warm_runtime() -> int:
                                            torch.ones(64, dtype=torch.bfloat16))
         from tokenloom import kernels
         if kernels.library():  # our own kernels' library and its first call
-            kernels.q8_mm(x[:4, :64], codes.to(torch.int8), torch.ones(64, 2, dtype=torch.float16))
+            kernels.q8_mm(x[:4, :64], codes.to(torch.int8).view(8, 2, 256), torch.ones(8, 2, 8, dtype=torch.float16))
     return rss_bytes()
 
 

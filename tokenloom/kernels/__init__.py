@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 2
+ABI = 3
 QK = 32  # weights per block, as in the C++ source
 
 
@@ -97,16 +97,17 @@ def _gemm(fn, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, n: int
     return y
 
 
-def q4_mm(x: torch.Tensor, codes: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
+def q4_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(M, K) float32 times Q4_1 weights (N, K) in the kernel's layout (models/quant.py q4_repack):
-    codes (N / 8, K / 32, 128) uint8, scale_min (N / 8, K / 32, 16) float16 -> (M, N) float32.
-    Rows are quantized to int8 per block of 32."""
-    return _gemm(library().tl_q4_gemm, x, codes, scale_min, codes.shape[0] * 8)
+    codes (N / 8, K / 32, 128) uint8, scales (N / 8, K / 32, 16) float16 (8 scales, 8 mins) ->
+    (M, N) float32. Rows are quantized to int8 per block of 32."""
+    return _gemm(library().tl_q4_gemm, x, codes, scales, codes.shape[0] * 8)
 
 
 def q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(M, K) float32 times Q8_0 weights (N, K): codes (N, K) int8, scales (N, K / 32) float16."""
-    return _gemm(library().tl_q8_gemm, x, codes, scales, codes.shape[0])
+    """(M, K) float32 times Q8_0 weights (N, K) in the kernel's layout (models/quant.py q8_repack):
+    codes (N / 8, K / 32, 256) int8, scales (N / 8, K / 32, 8) float16 -> (M, N) float32."""
+    return _gemm(library().tl_q8_gemm, x, codes, scales, codes.shape[0] * 8)
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -139,7 +140,7 @@ def llama_block(weights: tuple, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     rows / columns `rows` / `cols` (as rope_attention), x (..., D) holding B = x.numel() // D.
 
     `weights`: (norm1, norm2, eps, qkv, o, gate_up, intermediate, down, heads, kv heads, head
-    dim, scale) with each projection as (codes, scale_min, bias or None); see models/llama.py.
+    dim, scale) with each projection as (codes, scales, bias or None) of a Q4Linear; see models/llama.py.
     x is not modified: the result is a new tensor."""
     n1, n2, eps, qkv, o, gu, inter, dn, h, hkv, d, scale = weights
     out = x.reshape(-1, x.shape[-1]).clone()

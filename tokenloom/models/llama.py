@@ -17,7 +17,7 @@ from tokenloom import kernels
 from tokenloom.models.base import (OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask,
                                    embedding, fuse, fused_decode_ok, fused_halves, rope_parameters)
 from tokenloom.models.cache import KVCache
-from tokenloom.models.quant import DENSE_MIN, Q4Linear
+from tokenloom.models.quant import Q4Linear
 
 
 @dataclass
@@ -90,6 +90,9 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
+FUSED_MAX = 64  # longer prompt chunks go module by module: PyTorch's flash attention is faster there
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -100,9 +103,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         n = x.shape[0] * x.shape[1]
-        if n < DENSE_MIN and fused_decode_ok(x, mask, cache, self.self_attn.hd) and self.fused_weights():
-            # the whole block in one kernel call (Q4_1 projections only): decode steps, and prompt
-            # chunks short enough for the packed products (longer ones expand the weights, quant.py)
+        if n < FUSED_MAX and fused_decode_ok(x, mask, cache, self.self_attn.hd) and self.fused_weights():
+            # the whole block in one kernel call (Q4_1 projections only): decode steps and short
+            # prompt chunks
             k_all, v_all, rows, cols, end = cache.slot_write(self.self_attn.layer)
             return kernels.llama_block(self._fused, x, cos.reshape(n, -1), sin.reshape(n, -1), k_all, v_all, rows,
                                        cols, end, mask.reshape(n, -1))
@@ -122,7 +125,7 @@ class Block(nn.Module):
                   and all(type(n) is RMSNorm and not n.offset and n.weight.dtype == torch.float32 for n in norms))
             self._fused = ()
             if ok:
-                qkv, o, gate_up, down = [(p.codes, p.scale_min, p.bias) for p in lins]
+                qkv, o, gate_up, down = [(p.codes, p.scales, p.bias) for p in lins]
                 self._fused = (norms[0].weight.detach(), norms[1].weight.detach(), float(norms[0].eps),
                                qkv, o, gate_up, m.intermediate, down, a.n_heads, a.n_kv, a.hd, a.hd ** -0.5)
         return bool(self._fused)

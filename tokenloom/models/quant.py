@@ -4,17 +4,16 @@ A decode step (one new token per row) is bound by the bytes of weights it reads,
 kernels that read the packed weights directly. Two sets:
 - tokenloom's own (kernels/cpu_quant.cpp; x86 with AVX2): `Q4Linear` (Q4_1 blocks) and
   `Q8Linear` (Q8_0 blocks), with each row of activations quantized to int8 per block, as
-  llama.cpp does. 1.4-2x faster than PyTorch's here, at every batch size
-  (benchmarks/bench_kernels.py).
+  llama.cpp does. 1.8-3.3x faster than PyTorch's here at 1 to 32 rows, and for a 512-token
+  prefill faster than float32 GEMM (benchmarks/bench_kernels.py), so they run every input.
 - PyTorch's, where ours do not build: `Int4Linear` (`_weight_int4pack_mm_for_cpu`) and
   `Int8Linear` (`_weight_int8pack_mm`, per output channel), fast only with bfloat16
-  activations, so rows go in and out as bfloat16 around the product.
-A prefill (many tokens per row) is bound by arithmetic instead, where float32 GEMM is several
-times faster than any of those on a CPU without native bfloat16: there each layer's weights are
-expanded to float32 just for that product, and dropped after it, so memory stays at the packed
-size. Whether an input is a prefill is read from its shape (more than one position per row,
-DENSE_MIN positions in all), never from the batch size: a row's numbers do not depend on its
-neighbours.
+  activations, so rows go in and out as bfloat16 around the product. For a prefill (many
+  tokens per row, bound by arithmetic) float32 GEMM is several times faster than those on a CPU
+  without native bfloat16: there each layer's weights are expanded to float32 just for that
+  product, and dropped after it, so memory stays at the packed size. Whether an input is a
+  prefill is read from its shape (more than one position per row, DENSE_MIN positions in all),
+  never from the batch size: a row's numbers do not depend on its neighbours.
 
 `quantize_model` swaps the float `nn.Linear` layers of a loaded model for these. The output head
 (and an embedding tied to it) gets int8, not int4: on the default model an int4 head cost +6.7%
@@ -36,7 +35,7 @@ from tokenloom.heap import trim_heap
 
 GROUP = 32  # int4 group size along the input: that of Q4_0 / Q4_1 / the Q4_K sub-blocks
 MODES = ("int4", "int8", "w8a8")
-DENSE_MIN = 64  # a prefill of at least this many tokens runs on weights expanded to float32
+DENSE_MIN = 64  # PyTorch's layers: a prefill of this many tokens runs on weights expanded to float32
 A_MAX = 63  # w8a8: activations are scaled per row to [-A_MAX, A_MAX] (7 bits, see W8A8Linear)
 
 
@@ -193,7 +192,20 @@ def q4_unpack(packed: torch.Tensor, sm: torch.Tensor) -> tuple[torch.Tensor, tor
     return c, s[..., 0], s[..., 1]
 
 
-class Q4Linear(_PackedLinear):
+class _BlockLinear(nn.Module):
+    """What Q4Linear and Q8Linear share: one kernel for every input shape (our kernels beat or
+    match float32 GEMM even for a prefill, and expanding weights would cost memory)."""
+
+    out_features: int
+    in_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.kernel(x.reshape(-1, x.shape[-1]), self.codes, self.scales)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+class Q4Linear(_BlockLinear):
     """int4 in Q4_1 blocks (per 32 inputs: fp16 scale and min, 4-bit codes), run by tokenloom's
     own kernel (kernels/cpu_quant.cpp), which quantizes each row of activations to int8 per
     block and sums products in integers, as llama.cpp does. The codes are repacked by groups of
@@ -207,19 +219,15 @@ class Q4Linear(_PackedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        codes, sm = q4_repack(*int4_groups(weight))
+        codes, scales = q4_repack(*int4_groups(weight))
         self.register_buffer("codes", codes)
-        self.register_buffer("scale_min", sm)
+        self.register_buffer("scales", scales)  # (scale, min) pairs
         self.register_buffer("bias", None if bias is None else bias.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernels.q4_mm(x.reshape(-1, x.shape[-1]), self.codes, self.scale_min)
-        out = out.view(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        self.kernel = kernels.q4_mm
 
     def dense_t(self) -> torch.Tensor:
         """The weights as float32, transposed: (in, out) (for tests and tools, not the hot path)."""
-        codes, scale, lo = q4_unpack(self.codes, self.scale_min)
+        codes, scale, lo = q4_unpack(self.codes, self.scales)
         n, k = codes.shape
         w = codes.float().view(n, k // GROUP, GROUP) * scale.float()[..., None] + lo.float()[..., None]
         return w.view(n, k).t()
@@ -242,24 +250,42 @@ def int8_blocks(w: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.
     return codes, scale
 
 
-class Q8Linear(_PackedLinear):
+def q8_repack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 blocks -> the layout of our kernel (cpu_quant.cpp, q8_group): codes (N, K) int8 and
+    scales (N, K // 32) -> codes (N // 8, K // 32, 256), where byte 4r + t of chunk c holds
+    channel r's code for input 4c + t, and scales (N // 8, K // 32, 8) float16."""
+    n, k = codes.shape
+    c = codes.view(n // 8, 8, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4)  # g b c r t
+    return c.reshape(n // 8, k // GROUP, 256), scales.half().view(n // 8, 8, k // GROUP).transpose(1, 2).contiguous()
+
+
+def q8_rows(codes: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Some rows (channels) of q8_repack's layout, as plain Q8_0: codes (*, K) int8, scales (*, K // 32)."""
+    g, nb = codes.shape[:2]
+    r = rows.reshape(-1)
+    c = codes.view(g, nb, 8, 8, 4)[r // 8, :, :, r % 8]  # (n, nb, 8, 4)
+    return c.reshape(*rows.shape, nb * GROUP), scales[r // 8, :, r % 8].view(*rows.shape, nb)
+
+
+class Q8Linear(_BlockLinear):
     """int8 in Q8_0 blocks (per 32 inputs: an fp16 scale), times int8 activations in tokenloom's
-    own kernel: the output head of an int4 model, ~2x faster than `_weight_int8pack_mm` here."""
+    own kernel, repacked by groups of 8 channels as Q4Linear: the output head of an int4 model,
+    ~2x faster than `_weight_int8pack_mm` here at one row, ~4x at 32 (benchmarks/bench_kernels.py)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        codes, scales = int8_blocks(weight)
+        codes, scales = q8_repack(*int8_blocks(weight))
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.float())
-
-    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.q8_mm(x, self.codes, self.scales)
+        self.kernel = kernels.q8_mm
 
     def dense_t(self) -> torch.Tensor:
-        n, k = self.codes.shape
-        return self.codes.float().view(n, k // GROUP, GROUP).mul_(self.scales.float()[..., None]).view(n, k).t()
+        """The weights as float32, transposed: (in, out) (for tests and tools, not the hot path)."""
+        codes, scales = q8_rows(self.codes, self.scales, torch.arange(self.out_features))
+        n, k = codes.shape
+        return (codes.float().view(n, k // GROUP, GROUP) * scales.float()[..., None]).view(n, k).t()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 blocks of {GROUP}"
@@ -270,13 +296,15 @@ class Q8Embedding(nn.Module):
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
         super().__init__()
+        self.num_embeddings = codes.shape[0] * 8
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        k = self.codes.shape[1]
-        rows = F.embedding(ids, self.codes).float().view(*ids.shape, k // GROUP, GROUP)
-        return rows.mul_(F.embedding(ids, self.scales).float()[..., None]).view(*ids.shape, k)
+        codes, scales = q8_rows(self.codes, self.scales, ids)
+        k = codes.shape[-1]
+        rows = codes.float().view(*ids.shape, k // GROUP, GROUP)
+        return rows.mul_(scales.float()[..., None]).view(*ids.shape, k)
 
 
 def w8a8_supported() -> bool:
@@ -350,6 +378,7 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
         super().__init__()
+        self.num_embeddings = codes.shape[0]
         self.register_buffer("weight_int8", codes)
         self.register_buffer("scales", scales.bfloat16())
 
@@ -372,7 +401,7 @@ def _kind(mode: str, m: nn.Linear, head: nn.Module | None) -> type[nn.Module]:
             return Q4Linear
         if int4_supported(m.out_features, m.in_features):
             return Int4Linear
-    return Q8Linear if own else Int8Linear
+    return Q8Linear if own and m.out_features % 8 == 0 else Int8Linear
 
 
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
