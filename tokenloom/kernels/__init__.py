@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 3
+ABI = 4
 QK = 32  # weights per block, as in the C++ source
 
 
@@ -86,6 +86,8 @@ def library() -> ctypes.CDLL | None:
     lib.tl_llama_block.argtypes = [p, i, i, p, p, f, p, p, p, p, p, p, p, p, p, i, p, p, p,
                                    i, i, i, p, p, p, p, i, p, p, i, p, f, ctypes.c_int]
     lib.tl_llama_block.restype = None
+    lib.tl_llama_layers.argtypes = [p, i, i, p, i, f, i, i, i, i, p, p, i, p, p, i, p, f, ctypes.c_int]
+    lib.tl_llama_layers.restype = None
     return lib
 
 
@@ -157,4 +159,38 @@ def llama_block(weights: tuple, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
                              *ptrs(gu), inter, *ptrs(dn), h, hkv, d, cos.data_ptr(), sin.data_ptr(),
                              k_cache.data_ptr(), v_cache.data_ptr(), w, rows.data_ptr(), cols.data_ptr(), end,
                              mask.data_ptr(), scale, torch.get_num_threads())
+    return out.view(x.shape)
+
+
+def layer_table(blocks: list[tuple]) -> torch.Tensor:
+    """The weight pointers of llama_layers for blocks given as llama_block's `weights`: (L, 16)
+    int64, the last two columns (key and value caches) filled per call. The caller keeps the
+    weights alive for as long as it uses the table."""
+    table = torch.zeros(len(blocks), 16, dtype=torch.long)
+    for i, (n1, n2, _, qkv, o, gu, _, dn, *_) in enumerate(blocks):
+        ptrs = [n1.data_ptr(), n2.data_ptr()]
+        for codes, scales, bias in (qkv, o, gu, dn):
+            ptrs += [codes.data_ptr(), scales.data_ptr(), 0 if bias is None else bias.data_ptr()]
+        table[i, :14] = torch.tensor(ptrs)
+    return table
+
+
+def llama_layers(blocks: list[tuple], table: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 end: int, mask: torch.Tensor) -> torch.Tensor:
+    """Every block of a model in one call (tl_llama_layers), each as llama_block would run it:
+    `blocks` their weights, `table` from layer_table(blocks), `caches` each layer's (keys,
+    values). x is not modified: the result is a new tensor."""
+    _, n2, eps, _, _, _, inter, _, h, hkv, d, scale = blocks[0]
+    out = x.reshape(-1, x.shape[-1]).clone()
+    b, dim = out.shape
+    w = caches[0][0].shape[2]
+    assert mask.shape == (b, end) and cos.shape == sin.shape == (b, d) and rows.shape == cols.shape == (b,)
+    assert all(k.is_contiguous() and v.is_contiguous() and k.shape[2] == w for k, v in caches) and dim % 32 == 0
+    table[:, 14] = torch.tensor([k.data_ptr() for k, _ in caches])
+    table[:, 15] = torch.tensor([v.data_ptr() for _, v in caches])
+    cos, sin, mask = cos.contiguous(), sin.contiguous(), mask.contiguous()
+    library().tl_llama_layers(out.data_ptr(), b, len(blocks), table.data_ptr(), dim, eps, inter, h, hkv, d,
+                              cos.data_ptr(), sin.data_ptr(), w, rows.data_ptr(), cols.data_ptr(), end,
+                              mask.data_ptr(), scale, torch.get_num_threads())
     return out.view(x.shape)

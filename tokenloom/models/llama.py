@@ -160,14 +160,33 @@ class Model(nn.Module):
         x = self.embed_tokens(input_ids)
         mask = attention_mask(position_ids, cache.begin(position_ids), self.args.sliding_window)
         cos, sin = self.rotary(position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+        n = x.shape[0] * x.shape[1]
+        if n < FUSED_MAX and fused_decode_ok(x, mask, cache, self.args.head_dim) and self.fused_weights():
+            # every block in one kernel call: what Block.forward's fused path does, layer by layer
+            kv = [cache.slot_write(i) for i in range(len(self.layers))]
+            _, _, rows, cols, end = kv[0]
+            x = kernels.llama_layers([b._fused for b in self.layers], self._table, [c[:2] for c in kv], x,
+                                     cos.reshape(n, -1), sin.reshape(n, -1), rows, cols, end, mask.reshape(n, -1))
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask, cache)
         cache.commit()
         if last_only and not return_hidden:
             x = x[:, -1:]
         hidden = self.norm(x)  # (B, T, D): transformers' hidden_states[-1], for contrastive search
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         return (logits, hidden) if return_hidden else logits
+
+    _table: torch.Tensor | None = None
+
+    def fused_weights(self) -> bool:
+        """Whether every block can run fused (Block.fused_weights); then the blocks' pointer table
+        for kernels.llama_layers is built on first use."""
+        if not all(b.fused_weights() for b in self.layers):
+            return False
+        if self._table is None:
+            self._table = kernels.layer_table([b._fused for b in self.layers])
+        return True
 
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
