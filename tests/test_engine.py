@@ -251,14 +251,13 @@ def test_a_failed_request_raises_for_its_reader(llama, monkeypatch):
     model_out = []
     service = EngineService(llama)
     try:
-        from tokenloom.engine.request import Request
-
-        real = Request.advance
-        monkeypatch.setattr(Request, "advance", lambda self, logits, usable=None: real(self, logits * float("nan")))
+        net = type(llama.network)
+        real = net.forward  # the model itself goes wrong: NaN logits from the prefill on
+        monkeypatch.setattr(net, "forward", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
         stream = service.submit(llama.encode_prompts(["fox"])[0], llama.generation_config(max_new_tokens=3))
         with pytest.raises(TokenloomError, match="NaN"):
             model_out.extend(stream)
-        monkeypatch.setattr(Request, "advance", real)
+        monkeypatch.setattr(net, "forward", real)
         ok = service.submit(llama.encode_prompts(["fox"])[0], llama.generation_config(max_new_tokens=3))
         assert sum(len(d.token_ids) for d in ok) >= 1
     finally:

@@ -38,12 +38,17 @@ def op_by_op(qkv, cos, sin, k_cache, v_cache, cols, end, mask, heads):
     return attend(qk[:, :heads], k_cache[:, :, :end], v_cache[:, :, :end], mask[:, None, None], None).view(rows, -1)
 
 
+# grouped-query heads go through the kernel up to 3 at a time: groups of 3, 4 (3 + 1), 1, 2
+GROUPS = [(9, 3), (8, 2), (4, 4), (8, 4)]
+
+
+@pytest.mark.parametrize("heads,kv", GROUPS)
 @pytest.mark.parametrize("rows", [1, 5])
-def test_fused_attention_equals_rotary_cache_write_and_attention_op_by_op(rows):
-    qkv, cos, sin, k, v, cols, end, mask = step_inputs(rows)
+def test_fused_attention_equals_rotary_cache_write_and_attention_op_by_op(rows, heads, kv):
+    qkv, cos, sin, k, v, cols, end, mask = step_inputs(rows, heads, kv)
     k2, v2 = k.clone(), v.clone()
-    got = kernels.rope_attention(qkv, cos, sin, k, v, torch.arange(rows), cols, end, mask, 64 ** -0.5, 9)
-    ref = op_by_op(qkv, cos, sin, k2, v2, cols, end, mask, 9)
+    got = kernels.rope_attention(qkv, cos, sin, k, v, torch.arange(rows), cols, end, mask, 64 ** -0.5, heads)
+    ref = op_by_op(qkv, cos, sin, k2, v2, cols, end, mask, heads)
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
     assert torch.equal(k, k2) and torch.equal(v, v2)  # rotary: the same products and sum, bit for bit
 
@@ -64,18 +69,24 @@ def test_fused_attention_gives_a_row_the_same_bits_alone_and_at_any_width():
                            batch[r])
 
 
-def test_fused_attention_reads_a_prompt_chunk_causally():
+@pytest.mark.parametrize("heads,kv", GROUPS)
+@pytest.mark.parametrize("t,window", [(11, None), (70, None), (70, 9)])
+def test_fused_attention_reads_a_prompt_chunk_causally(t, window, heads, kv):
     """One cache row, a chunk of T tokens after `start` cached ones: each token attends to the
-    cache and to the chunk's tokens up to itself (all keys written before any is read)."""
+    cache and to the chunk's tokens up to itself (all keys written before any is read), or with
+    a sliding window to the last `window` of them (masked keys before allowed ones)."""
     g = torch.Generator().manual_seed(3)
-    heads, kv, d, start, t, width = 9, 3, 64, 5, 11, 32
+    d, start = 64, 5
+    width = start + t + 16
     qkv = torch.randn(t, (heads + 2 * kv) * d, generator=g)
     pos = torch.arange(start, start + t)
     cos, sin = Rotary({"rope_theta": 10000.0}, d)(pos[None], torch.float32)
     k, v = torch.randn(2, kv, width, d, generator=g), torch.randn(2, kv, width, d, generator=g)
     k2, v2 = k.clone(), v.clone()
-    end = 16
+    end = -(-(start + t) // 16) * 16
     mask = torch.arange(end)[None] <= pos[:, None]
+    if window:
+        mask &= torch.arange(end)[None] > pos[:, None] - window
     got = kernels.rope_attention(qkv, cos.view(t, d), sin.view(t, d), k, v, torch.ones(t, dtype=torch.long), pos,
                                  end, mask, d ** -0.5, heads)
     x = qkv.view(1, t, heads + 2 * kv, d).transpose(1, 2)

@@ -28,7 +28,11 @@ from tokenloom.engine.slots import SlotCache, _round
 from tokenloom.heap import trim_heap
 
 TRIM_GROWTH = 4 << 20  # once the process grew this much, freed heap memory goes back to the OS (heap.py)
-PREFILL_CHUNK = 512  # prompt tokens per forward: each chunk expands packed weights once (models/quant.py)
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds a chunk's activations and attention scores
+# columns reserved past a prompt for its first new tokens (up to max_new_tokens): without them the
+# first decode step regrew the cache (a 512-token prompt: 512 -> 640 columns, ~6% of the prefill's
+# time), and a batch of short prompts regrew it mid-decode (more RSS: old and new side by side)
+DECODE_HEADROOM = 64
 
 
 class Engine:
@@ -179,6 +183,9 @@ class Engine:
             self.running.append(req)
             self._fail(req, e)
             return
+        if req.plain_greedy:  # keep the choice, not the (1, V) logits: 32 prompts read ahead held 6.3 MB
+            req.usable, req.greedy = usable_rows(logits)[0], logits.argmax(dim=-1).tolist() * len(req.rows)
+            req.logits = None
         self.running.append(req)
         if req.done:
             self._release(req)
@@ -294,7 +301,9 @@ class _Prefill:
         eng = self.engine
         while self.done < len(self.tokens):
             chunk = self.tokens[self.done:self.done + eng.prefill_chunk]
-            eng.cache.reserve(self.row + 1, self.done + len(chunk))
+            last = self.done + len(chunk) >= len(self.tokens)
+            headroom = min(max(self.request.max_new, 1), DECODE_HEADROOM) if last else 0
+            eng.cache.reserve(self.row + 1, self.done + len(chunk) + headroom)
             ids = torch.tensor([chunk], device=eng.device)
             pos = torch.arange(self.done, self.done + len(chunk), device=eng.device)[None]
             with torch.inference_mode():

@@ -214,6 +214,89 @@ inline float dot(const float* a, const float* b, int64_t n) {  // n a multiple o
     return hsum(acc);
 }
 
+// Attention of N query heads (q: N x d, rotated) over keys / values K, V (columns x d) where
+// mask m allows, columns [0, hi) (none after); p: N rows of `stride` scratch floats; out: N x d.
+// Scores for 4 keys at a time against all N heads: 4N accumulators over the dimensions, each
+// key load serving N heads, and one reduction tree per head for the 4 keys (no horizontal sum
+// per key); then softmax (exp8); then values 32 dimensions at a time into 4N accumulators.
+constexpr int HEADS = 3;
+
+template <int N>
+void heads_attend(const float* q, const float* K, const float* V, const uint8_t* m, int64_t hi, int64_t d,
+                  float scale, float* p, int64_t stride, float* out) {
+    float mx[N];
+    for (int h = 0; h < N; h++) mx[h] = -INFINITY;
+    int64_t s4 = 0;
+    for (; s4 + 4 <= hi; s4 += 4) {
+        __m256 a[N][4];
+        for (int h = 0; h < N; h++)
+            for (int k = 0; k < 4; k++) a[h][k] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8) {
+            __m256 qv[N];
+            for (int h = 0; h < N; h++) qv[h] = _mm256_loadu_ps(q + h * d + i);
+            for (int k = 0; k < 4; k++) {
+                const __m256 kv = _mm256_loadu_ps(K + (s4 + k) * d + i);
+                for (int h = 0; h < N; h++) a[h][k] = _mm256_fmadd_ps(qv[h], kv, a[h][k]);
+            }
+        }
+        for (int h = 0; h < N; h++) {
+            const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
+            const __m128 sc = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)), _mm_set1_ps(scale));
+            float v[4];
+            _mm_storeu_ps(v, sc);
+            for (int k = 0; k < 4; k++) {
+                const float x = m[s4 + k] ? v[k] : -INFINITY;
+                p[h * stride + s4 + k] = x;
+                mx[h] = x > mx[h] ? x : mx[h];
+            }
+        }
+    }
+    for (int64_t s = s4; s < hi; s++)
+        for (int h = 0; h < N; h++) {
+            const float x = m[s] ? dot(q + h * d, K + s * d, d) * scale : -INFINITY;
+            p[h * stride + s] = x;
+            mx[h] = x > mx[h] ? x : mx[h];
+        }
+    for (int h = 0; h < N; h++) {  // softmax; masked scores are -inf, and exp8 gives them exactly 0
+        float* ph = p + h * stride;
+        const __m256 vmx = _mm256_set1_ps(mx[h]);
+        __m256 vsum = _mm256_setzero_ps();
+        int64_t s8 = 0;
+        for (; s8 + 8 <= hi; s8 += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(ph + s8), vmx));
+            _mm256_storeu_ps(ph + s8, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum(vsum);
+        for (int64_t s = s8; s < hi; s++) {
+            ph[s] = m[s] ? expf(ph[s] - mx[h]) : 0.0f;
+            sum += ph[s];
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (s8 = 0; s8 + 8 <= hi; s8 += 8) _mm256_storeu_ps(ph + s8, _mm256_mul_ps(_mm256_loadu_ps(ph + s8), inv));
+        for (int64_t s = s8; s < hi; s++) ph[s] *= 1.0f / sum;
+    }
+    for (int64_t i0 = 0; i0 < d; i0 += 32) {  // d is a multiple of 8
+        const int nv = (int)((d - i0 < 32 ? d - i0 : 32) / 8);
+        __m256 acc[N][4];
+        for (int h = 0; h < N; h++)
+            for (int v = 0; v < 4; v++) acc[h][v] = _mm256_setzero_ps();
+        for (int64_t s = 0; s < hi; s++) {
+            if (!m[s]) continue;  // never read: a masked column may hold anything
+            const float* vs = V + s * d + i0;
+            __m256 w[N];
+            for (int h = 0; h < N; h++) w[h] = _mm256_set1_ps(p[h * stride + s]);
+            for (int v = 0; v < 4; v++) {
+                if (v >= nv) break;
+                const __m256 vv = _mm256_loadu_ps(vs + 8 * v);
+                for (int h = 0; h < N; h++) acc[h][v] = _mm256_fmadd_ps(w[h], vv, acc[h][v]);
+            }
+        }
+        for (int h = 0; h < N; h++)
+            for (int v = 0; v < nv; v++) _mm256_storeu_ps(out + h * d + i0 + 8 * v, acc[h][v]);
+    }
+}
+
 // x * cos + roll(x, d / 2) * sin, elementwise as PyTorch does it (two products, then a sum)
 inline void rotate(const float* x, const float* cos, const float* sin, int64_t d, float* out) {
     const int64_t h = d / 2;
@@ -262,8 +345,8 @@ void tl_rope_attention(const float* qkv, int64_t B, int64_t H, int64_t Hkv, int6
     const int64_t group = H / Hkv, width = (H + 2 * Hkv) * d;
 #pragma omp parallel num_threads(threads)
     {
-        float* q = (float*)malloc(sizeof(float) * d);
-        float* p = (float*)malloc(sizeof(float) * (end > 0 ? end : 1));
+        float* q = (float*)malloc(sizeof(float) * d * HEADS);
+        float* p = (float*)malloc(sizeof(float) * HEADS * (end > 0 ? end : 1));
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < B * Hkv; t++) {
             const int64_t b = t / Hkv, g = t % Hkv;
@@ -273,51 +356,25 @@ void tl_rope_attention(const float* qkv, int64_t B, int64_t H, int64_t Hkv, int6
             rotate(row + (H + g) * d, cos + b * d, sin + b * d, d, K + cols[b] * d);
             for (int64_t i = 0; i < d; i++) V[cols[b] * d + i] = row[(H + Hkv + g) * d + i];
         }
-#pragma omp for schedule(static)
+        // kv head-major, so that both threads read the same head's keys and values (a 512-token
+        // chunk's three heads hold 768 KB: more than a core's L2), tokens interleaved between the
+        // threads (a chunk's later tokens see more keys)
+#pragma omp for schedule(static, 1)
         for (int64_t t = 0; t < B * Hkv; t++) {
-            const int64_t b = t / Hkv, g = t % Hkv;
-            const float* row = qkv + b * width;
-            const float* c = cos + b * d;
-            const float* sn = sin + b * d;
+            const int64_t g = t / B, b = t % B;
             const float* K = kc + (rows[b] * Hkv + g) * W * d;
             const float* V = vc + (rows[b] * Hkv + g) * W * d;
             const uint8_t* m = mask + b * mask_stride;
-            for (int64_t j = g * group; j < (g + 1) * group; j++) {
-                rotate(row + j * d, c, sn, d, q);
-                float mx = -INFINITY;
-                for (int64_t s = 0; s < end; s++) {
-                    p[s] = m[s] ? dot(q, K + s * d, d) * scale : -INFINITY;
-                    mx = p[s] > mx ? p[s] : mx;
-                }
-                // masked scores are -inf: exp8 gives them exactly 0
-                const __m256 vmx = _mm256_set1_ps(mx);
-                __m256 vsum = _mm256_setzero_ps();
-                int64_t s8 = 0;
-                for (; s8 + 8 <= end; s8 += 8) {
-                    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s8), vmx));
-                    _mm256_storeu_ps(p + s8, e);
-                    vsum = _mm256_add_ps(vsum, e);
-                }
-                float sum = hsum(vsum);
-                for (int64_t s = s8; s < end; s++) {
-                    p[s] = m[s] ? expf(p[s] - mx) : 0.0f;
-                    sum += p[s];
-                }
-                const float inv = 1.0f / sum;
-                // 64 dimensions at a time, their sums in registers across the columns
-                for (int64_t i0 = 0; i0 < d; i0 += 64) {
-                    const int nv = (int)((d - i0 < 64 ? d - i0 : 64) / 8);
-                    __m256 acc[8];
-                    for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
-                    for (int64_t s = 0; s < end; s++) {
-                        if (!m[s]) continue;
-                        const __m256 w = _mm256_set1_ps(p[s] * inv);
-                        const float* vs = V + s * d + i0;
-                        for (int v = 0; v < 8; v++)
-                            if (v < nv) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * v), acc[v]);
-                    }
-                    for (int v = 0; v < nv; v++) _mm256_storeu_ps(out + b * H * d + j * d + i0 + 8 * v, acc[v]);
-                }
+            int64_t hi = end;  // keys past the last one this token may see are skipped
+            while (hi > 0 && !m[hi - 1]) hi--;
+            // the query heads sharing this kv head, up to HEADS at a time: each key and value
+            // loaded serves them all
+            for (int64_t j0 = g * group; j0 < (g + 1) * group; j0 += HEADS) {
+                const int n = (int)((g + 1) * group - j0 < HEADS ? (g + 1) * group - j0 : HEADS);
+                for (int h = 0; h < n; h++) rotate(qkv + b * width + (j0 + h) * d, cos + b * d, sin + b * d, d, q + h * d);
+                if (n == 3) heads_attend<3>(q, K, V, m, hi, d, scale, p, end, out + b * H * d + j0 * d);
+                else if (n == 2) heads_attend<2>(q, K, V, m, hi, d, scale, p, end, out + b * H * d + j0 * d);
+                else heads_attend<1>(q, K, V, m, hi, d, scale, p, end, out + b * H * d + j0 * d);
             }
         }
         free(q); free(p);

@@ -90,9 +90,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
-FUSED_MAX = 64  # longer prompt chunks go module by module: PyTorch's flash attention is faster there
-
-
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -103,9 +100,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         n = x.shape[0] * x.shape[1]
-        if n < FUSED_MAX and fused_decode_ok(x, mask, cache, self.self_attn.hd) and self.fused_weights():
-            # the whole block in one kernel call (Q4_1 projections only): decode steps and short
-            # prompt chunks
+        if fused_decode_ok(x, mask, cache, self.self_attn.hd) and self.fused_weights():
+            # the whole block in one kernel call (Q4_1 projections only), for decode steps and
+            # prompt chunks alike: a 512-token prefill ran ~1.3x faster than module by module
             k_all, v_all, rows, cols, end = cache.slot_write(self.self_attn.layer)
             return kernels.llama_block(self._fused, x, cos.reshape(n, -1), sin.reshape(n, -1), k_all, v_all, rows,
                                        cols, end, mask.reshape(n, -1))
@@ -161,7 +158,7 @@ class Model(nn.Module):
         mask = attention_mask(position_ids, cache.begin(position_ids), self.args.sliding_window)
         cos, sin = self.rotary(position_ids, x.dtype)
         n = x.shape[0] * x.shape[1]
-        if n < FUSED_MAX and fused_decode_ok(x, mask, cache, self.args.head_dim) and self.fused_weights():
+        if fused_decode_ok(x, mask, cache, self.args.head_dim) and self.fused_weights():
             # every block in one kernel call: what Block.forward's fused path does, layer by layer
             kv = [cache.slot_write(i) for i in range(len(self.layers))]
             _, _, rows, cols, end = kv[0]
