@@ -151,12 +151,19 @@ class Engine:
         # room for the requests already waiting too: growing the cache one request at a time
         # would copy it at every doubling, and the copies briefly hold old and new side by side
         queued = sum(r.rows_needed for r in self.waiting)
-        self.cache.reserve(max(row + 1, min(self.max_batch, self.live_rows + request.rows_needed + queued)), 1)
+        self.cache.reserve(max(row + 1, min(self.max_batch, self.live_rows + request.rows_needed + queued)),
+                           1 if self.encoder_decoder else self._first_width(request))
         self.cache.clear(row)
         try:
             self.prefilling = _Prefill(self, request, row)
         except Exception as e:  # noqa: BLE001 - e.g. a source the encoder cannot take
             self._fail(request, e, row)
+
+    def _first_width(self, request: Request) -> int:
+        """The columns a decoder-only prompt's first chunk needs (_Prefill.run), so that an empty
+        cache is made at that width at once, not made narrow and regrown."""
+        n = len(request.prompt)
+        return n + min(max(request.max_new, 1), DECODE_HEADROOM) if n <= self.prefill_chunk else self.prefill_chunk
 
     def _prefill_step(self, whole: bool) -> None:
         pf = self.prefilling

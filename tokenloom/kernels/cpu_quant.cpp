@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 namespace {
 
@@ -214,18 +215,40 @@ inline float dot(const float* a, const float* b, int64_t n) {  // n a multiple o
     return hsum(acc);
 }
 
+// out[h][0, 8 NV) = sum over allowed columns s of p[h][s] * V[s][0, 8 NV), for N heads
+template <int N, int NV>
+inline void values(const float* p, int64_t stride, const float* V, const uint8_t* m, int64_t hi, bool dense,
+                   int64_t d, float* out) {
+    __m256 acc[N][NV];
+    for (int h = 0; h < N; h++)
+        for (int v = 0; v < NV; v++) acc[h][v] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < hi; s++) {
+        if (!dense && !m[s]) continue;  // never read: a masked column may hold anything
+        __m256 w[N];
+        for (int h = 0; h < N; h++) w[h] = _mm256_set1_ps(p[h * stride + s]);
+        for (int v = 0; v < NV; v++) {
+            const __m256 vv = _mm256_loadu_ps(V + s * d + 8 * v);
+            for (int h = 0; h < N; h++) acc[h][v] = _mm256_fmadd_ps(w[h], vv, acc[h][v]);
+        }
+    }
+    for (int h = 0; h < N; h++)
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(out + h * d + 8 * v, acc[h][v]);
+}
+
 // Attention of N query heads (q: N x d, rotated) over keys / values K, V (columns x d) where
-// mask m allows, columns [0, hi) (none after); p: N rows of `stride` scratch floats; out: N x d.
+// mask m allows, columns [0, hi) (none after; `dense`: all of them, as in a causal prompt
+// chunk); p: N rows of `stride` scratch floats; out: N x d.
 // Scores for 4 keys at a time against all N heads: 4N accumulators over the dimensions, each
 // key load serving N heads, and one reduction tree per head for the 4 keys (no horizontal sum
 // per key); then softmax (exp8); then values 32 dimensions at a time into 4N accumulators.
 constexpr int HEADS = 3;
 
 template <int N>
-void heads_attend(const float* q, const float* K, const float* V, const uint8_t* m, int64_t hi, int64_t d,
-                  float scale, float* p, int64_t stride, float* out) {
+void heads_attend(const float* q, const float* K, const float* V, const uint8_t* m, int64_t hi, bool dense,
+                  int64_t d, float scale, float* p, int64_t stride, float* out) {
     float mx[N];
-    for (int h = 0; h < N; h++) mx[h] = -INFINITY;
+    __m128 vmx[N];
+    for (int h = 0; h < N; h++) vmx[h] = _mm_set1_ps(-INFINITY);
     int64_t s4 = 0;
     for (; s4 + 4 <= hi; s4 += 4) {
         __m256 a[N][4];
@@ -239,17 +262,20 @@ void heads_attend(const float* q, const float* K, const float* V, const uint8_t*
                 for (int h = 0; h < N; h++) a[h][k] = _mm256_fmadd_ps(qv[h], kv, a[h][k]);
             }
         }
+        // masked keys' scores become -inf (4 mask bytes widened to a lane mask)
+        const __m128 off = _mm_castsi128_ps(_mm_cmpeq_epi32(
+            _mm_cvtepu8_epi32(_mm_cvtsi32_si128(*(const int32_t*)(m + s4))), _mm_setzero_si128()));
         for (int h = 0; h < N; h++) {
             const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
-            const __m128 sc = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)), _mm_set1_ps(scale));
-            float v[4];
-            _mm_storeu_ps(v, sc);
-            for (int k = 0; k < 4; k++) {
-                const float x = m[s4 + k] ? v[k] : -INFINITY;
-                p[h * stride + s4 + k] = x;
-                mx[h] = x > mx[h] ? x : mx[h];
-            }
+            __m128 sc = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)), _mm_set1_ps(scale));
+            sc = _mm_blendv_ps(sc, _mm_set1_ps(-INFINITY), off);
+            _mm_storeu_ps(p + h * stride + s4, sc);
+            vmx[h] = _mm_max_ps(vmx[h], sc);
         }
+    }
+    for (int h = 0; h < N; h++) {
+        __m128 t = _mm_max_ps(vmx[h], _mm_movehl_ps(vmx[h], vmx[h]));
+        mx[h] = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
     }
     for (int64_t s = s4; s < hi; s++)
         for (int h = 0; h < N; h++) {
@@ -277,23 +303,10 @@ void heads_attend(const float* q, const float* K, const float* V, const uint8_t*
         for (int64_t s = s8; s < hi; s++) ph[s] *= 1.0f / sum;
     }
     for (int64_t i0 = 0; i0 < d; i0 += 32) {  // d is a multiple of 8
-        const int nv = (int)((d - i0 < 32 ? d - i0 : 32) / 8);
-        __m256 acc[N][4];
-        for (int h = 0; h < N; h++)
-            for (int v = 0; v < 4; v++) acc[h][v] = _mm256_setzero_ps();
-        for (int64_t s = 0; s < hi; s++) {
-            if (!m[s]) continue;  // never read: a masked column may hold anything
-            const float* vs = V + s * d + i0;
-            __m256 w[N];
-            for (int h = 0; h < N; h++) w[h] = _mm256_set1_ps(p[h * stride + s]);
-            for (int v = 0; v < 4; v++) {
-                if (v >= nv) break;
-                const __m256 vv = _mm256_loadu_ps(vs + 8 * v);
-                for (int h = 0; h < N; h++) acc[h][v] = _mm256_fmadd_ps(w[h], vv, acc[h][v]);
-            }
-        }
-        for (int h = 0; h < N; h++)
-            for (int v = 0; v < nv; v++) _mm256_storeu_ps(out + h * d + i0 + 8 * v, acc[h][v]);
+        if (d - i0 >= 32) values<N, 4>(p, stride, V + i0, m, hi, dense, d, out + i0);
+        else if (d - i0 == 24) values<N, 3>(p, stride, V + i0, m, hi, dense, d, out + i0);
+        else if (d - i0 == 16) values<N, 2>(p, stride, V + i0, m, hi, dense, d, out + i0);
+        else values<N, 1>(p, stride, V + i0, m, hi, dense, d, out + i0);
     }
 }
 
@@ -367,14 +380,15 @@ void tl_rope_attention(const float* qkv, int64_t B, int64_t H, int64_t Hkv, int6
             const uint8_t* m = mask + b * mask_stride;
             int64_t hi = end;  // keys past the last one this token may see are skipped
             while (hi > 0 && !m[hi - 1]) hi--;
+            const bool dense = memchr(m, 0, hi) == nullptr;
             // the query heads sharing this kv head, up to HEADS at a time: each key and value
             // loaded serves them all
             for (int64_t j0 = g * group; j0 < (g + 1) * group; j0 += HEADS) {
                 const int n = (int)((g + 1) * group - j0 < HEADS ? (g + 1) * group - j0 : HEADS);
                 for (int h = 0; h < n; h++) rotate(qkv + b * width + (j0 + h) * d, cos + b * d, sin + b * d, d, q + h * d);
-                if (n == 3) heads_attend<3>(q, K, V, m, hi, d, scale, p, end, out + b * H * d + j0 * d);
-                else if (n == 2) heads_attend<2>(q, K, V, m, hi, d, scale, p, end, out + b * H * d + j0 * d);
-                else heads_attend<1>(q, K, V, m, hi, d, scale, p, end, out + b * H * d + j0 * d);
+                if (n == 3) heads_attend<3>(q, K, V, m, hi, dense, d, scale, p, end, out + b * H * d + j0 * d);
+                else if (n == 2) heads_attend<2>(q, K, V, m, hi, dense, d, scale, p, end, out + b * H * d + j0 * d);
+                else heads_attend<1>(q, K, V, m, hi, dense, d, scale, p, end, out + b * H * d + j0 * d);
             }
         }
         free(q); free(p);
