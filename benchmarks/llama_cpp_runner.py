@@ -3,7 +3,8 @@
     benchmarks/.venv-llama/bin/python benchmarks/llama_cpp_runner.py < spec.json
 
 Reads the spec tokenloom/bench.py writes (the same token ids every engine gets) on stdin and
-prints one JSON line: prefill and batch-1 decode tok/s, RSS, and greedy tokens. It imports only
+prints one JSON line: prefill and batch-1 decode tok/s, RSS, greedy tokens, and how often its next
+token matches the other engines' greedy tokens (the spec's "forced"), fed their prefixes. It imports only
 llama_cpp and numpy, since that venv has no torch or tokenloom. llama-cpp-python has no beam
 search and no simple batched API, so batch > 1 and beams are left out (the table shows "—").
 Greedy = argmax of the last position's logits, read straight from the context (`eval` keeps
@@ -93,6 +94,22 @@ def main() -> int:
             tok = next_token()
         return (n - 1) / (time.perf_counter() - start)
 
+    def forced_agreement(seqs: list[list[int]]) -> dict:
+        """Along another engine's greedy tokens (prefix fed as it chose them): how often
+        llama.cpp's own next choice is the same token. Unlike whole-sequence agreement, one
+        near-tie does not decide the rest."""
+        same = total = 0
+        for prompt, seq in zip(spec["agree_prompts"], seqs):
+            seq = seq[:spec["agree_tokens"]]
+            choice = prefill(prompt)
+            for t, tok in enumerate(seq):
+                same += choice == tok
+                total += 1
+                if t + 1 < len(seq):
+                    llm.eval([tok])
+                    choice = next_token()
+        return {"same": same, "positions": total}
+
     samples = {}
     with PeakRss() as rss:
         for key, case in (("prefill", prefill_rate), ("decode_b1", decode_rate)):
@@ -100,8 +117,9 @@ def main() -> int:
             progress(f"{key}: {statistics.median(samples[key]):.1f} tok/s (median of {reps})")
         tokens = [greedy(p, spec["agree_tokens"]) for p in spec["agree_prompts"]]
         progress(f"greedy tokens for {len(tokens)} agreement prompts")
+        forced = {engine: forced_agreement(prompt_seqs) for engine, prompt_seqs in spec.get("forced", {}).items()}
     print(json.dumps({"tok_s": {k: statistics.median(v) for k, v in samples.items()}, "samples": samples,
-                      "greedy": tokens, "baseline_rss": baseline, "peak_rss": rss.peak,
+                      "greedy": tokens, "forced": forced, "baseline_rss": baseline, "peak_rss": rss.peak,
                       "info": f"llama-cpp-python {llama_cpp.__version__}"}))
     return 0
 

@@ -74,7 +74,7 @@ def test_table_has_every_row_and_a_not_available_column(run):
                 "beam search, 2 beams (tok/s)", "peak RSS while generating (MB)", "runtime baseline RSS (MB)",
                 "RSS after import alone (MB)",
                 "budget: runtime + 1.5 x weight file + KV (MB)", "KV cache: the workload needs / the engine allocated",
-                "greedy agreement with llama.cpp"):
+                "greedy agreement with llama.cpp", "llama.cpp picks the same next token"):
         line = next(line for line in text.splitlines() if line.startswith(f"| {row}"))
         assert "| not available |" in line
     assert "llama.cpp: no llama.cpp python" in text
@@ -83,6 +83,22 @@ def test_table_has_every_row_and_a_not_available_column(run):
 def test_agreement_counts_identical_runs_and_common_prefixes():
     a = bench.agreement([[1, 2, 3], [1, 2, 3], [9, 2, 3]], [[1, 2, 3], [1, 5, 3], [1, 2, 3]], 3)
     assert a == {"identical": 1, "prompts": 3, "mean_common_prefix": pytest.approx((3 + 1 + 0) / 3)}
+
+
+def test_llama_cpps_step_by_step_check_of_each_engines_tokens_gets_a_row():
+    spec = {"prefill": [1] * 16, "batches": {1: [[1] * 4]}, "beams": 1, "new_tokens": 4, "beam_prompt": [1] * 4,
+            "agree_prompts": [[1], [2]], "agree_tokens": 3, "reps": 1, "threads": 1, "path": "m.gguf"}
+    mine = {"tok_s": {"prefill": 9.0, "decode_b1": 2.0}, "peak_rss": 300, "baseline_rss": 100,
+            "kv_bytes_per_token": 10, "kv_allocated_bytes": 20, "greedy": [[5, 6, 7], [8, 9, 9]]}
+    llama = {"tok_s": {"prefill": 3.0, "decode_b1": 1.0}, "peak_rss": 50, "baseline_rss": 10,
+             "greedy": [[5, 6, 7], [8, 1, 1]], "forced": {"tokenloom": {"same": 5, "positions": 6}}}
+    results = {"tokenloom": mine, "llama.cpp": llama}
+    bench.summarize(results, spec, 1000)
+    assert mine["agreement"]["identical"] == 1 and mine["forced_agreement"] == {"same": 5, "positions": 6}
+    args = type("Args", (), {"model": "m"})()
+    row = next(line for line in bench.table(results, spec, args, 1000).splitlines()
+               if line.startswith("| llama.cpp picks the same next token"))
+    assert "| 5/6 (83.3%) |" in row
 
 
 def test_unknown_engine_is_one_line_error(capsys):

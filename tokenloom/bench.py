@@ -17,7 +17,9 @@ after its first product), before loading the model; the RSS after the import alo
 beside it. tokenloom's
 budget is baseline + 1.5 x the weight file + the KV cache the workload needs (what the engine
 allocated is shown beside it: over-allocation counts against the budget).
-Agreement: the first 32 greedy tokens of 8 short plain-text prompts, compared with llama.cpp's.
+Agreement: the first 32 greedy tokens of 8 short plain-text prompts, compared with llama.cpp's;
+and, position by position along each engine's own greedy tokens, whether llama.cpp given the
+same prefix picks the same next one (one near-tie early on decides all of a free-running text).
 
 The llama.cpp runner is benchmarks/llama_cpp_runner.py, run by the python of a separate venv
 (benchmarks/setup_llama_cpp.sh builds one): llama-cpp-python is never a tokenloom dependency.
@@ -333,6 +335,8 @@ def summarize(results: dict, spec: dict, weights: int) -> None:
         r = results.get(engine, {})
         if r and "error" not in r and ref and "error" not in ref:
             r["agreement"] = agreement(r["greedy"], ref["greedy"], spec["agree_tokens"])
+            if engine in ref.get("forced", {}):
+                r["forced_agreement"] = ref["forced"][engine]
 
 
 def table(results: dict, spec: dict, args, weights: int) -> str:
@@ -377,6 +381,13 @@ def table(results: dict, spec: dict, args, weights: int) -> str:
         cells.append(f"{a['identical']}/{a['prompts']} (mean common prefix {a['mean_common_prefix']:.1f})" if a
                      else results[e].get("error", "—"))
     lines.append(f"| greedy agreement with llama.cpp (first {spec['agree_tokens']} tokens identical) | "
+                 + " | ".join(cells + ["—"] * len(ratios)) + " |")
+    cells = []
+    for e in engines:
+        f = results[e].get("forced_agreement")
+        cells.append(f"{f['same']}/{f['positions']} ({f['same'] / f['positions']:.1%})" if f and f["positions"]
+                     else results[e].get("error", "—"))
+    lines.append("| llama.cpp picks the same next token, fed this engine's greedy prefix (positions) | "
                  + " | ".join(cells + ["—"] * len(ratios)) + " |")
 
     notes = [f"model {args.model} ({Path(spec['path']).name}, {weights * mb:.1f} MB), threads={spec['threads']}, "
@@ -440,6 +451,10 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for e in ENGINES:
         if e not in engines:
+            continue
+        if e == "llama.cpp":  # it also checks the others' greedy tokens step by step
+            forced = {name: r["greedy"] for name, r in results.items() if "greedy" in r}
+            results[e] = run_engine(e, {**spec, "forced": forced}, args, source)
             continue
         if e != "tokenloom":
             results[e] = run_engine(e, spec, args, source)
