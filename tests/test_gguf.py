@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import struct
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -144,6 +146,15 @@ def test_truncated_at_every_header_byte_raises_gguf_error(tmp_path):
 def test_missing_file_raises_gguf_error(tmp_path):
     with pytest.raises(GGUFError, match="cannot read GGUF file"):
         read_gguf(tmp_path / "nope.gguf")
+
+
+def test_reading_a_file_loads_only_the_gguf_packages_constants(tmp_path):
+    """`import gguf` would also load its writer, sentencepiece and yaml (3.7 MB of RSS)."""
+    path = _write(tmp_path, _valid_bytes())
+    code = (f"import sys; from tokenloom.loading.gguf import read_gguf; f = read_gguf({str(path)!r}); "
+            "print(len(f.tensors), sorted(m for m in sys.modules if m.split('.')[0] in ('gguf', 'sentencepiece', 'yaml')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split(maxsplit=1)[1].strip() == "[]" and int(out.split()[0]) > 0
 
 
 # ---------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tokenloom.errors import GGUFError, UnsupportedArchitectureError
+from tokenloom.loading.gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from tokenloom.loading.gguf_file import GGUFFile, GGUFTensorInfo, read_gguf
 from tokenloom.loading.gguf_quants import SUPPORTED_TYPES, supported_type_names
 

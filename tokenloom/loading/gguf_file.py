@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tokenloom.errors import GGUFError
+from tokenloom.loading.gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from tokenloom.loading.gguf_quants import SUPPORTED_TYPES, dequantize, supported_type_names, type_name
 
 GGUF_MAGIC = b"GGUF"

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from tokenloom.loading.gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 QK_K = 256  # weights per super-block of the k-quants
 # Blocks are dequantized this many weights at a time: bounds the float32
