@@ -399,7 +399,12 @@ void tl_rope_attention(const float* qkv, int64_t B, int64_t H, int64_t Hkv, int6
 
 namespace {
 
-void rms_norm_rows(const float* x, int64_t B, int64_t D, const float* w, float eps, float* out) {
+// Row-wise steps of a block are split between threads only for prompt chunks: at a decode
+// step's few rows a parallel region costs more than it saves. A row's arithmetic is the same.
+constexpr int64_t PARALLEL_ROWS = 16;
+
+void rms_norm_rows(const float* x, int64_t B, int64_t D, const float* w, float eps, float* out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(B >= PARALLEL_ROWS ? threads : 1)
     for (int64_t b = 0; b < B; b++) {
         const float* v = x + b * D;
         __m256 acc = _mm256_setzero_ps();
@@ -438,16 +443,17 @@ void tl_llama_block(float* x, int64_t B, int64_t D, const float* n1, const float
     float* att = (float*)malloc(sizeof(float) * B * H * d);
     float* gu = (float*)malloc(sizeof(float) * B * 2 * I);
     float* y = (float*)malloc(sizeof(float) * B * D);
-    rms_norm_rows(x, B, D, n1, eps, h);
+    rms_norm_rows(x, B, D, n1, eps, h, threads);
     tl_q4_gemm(h, B, D, qkv_qs, qkv_dm, nqkv, qkv, threads);
     add_bias(qkv, B, nqkv, qkv_b);
     tl_rope_attention(qkv, B, H, Hkv, d, cos, sin, kc, vc, W, rows, cols, end, mask, end, scale, att, threads);
     tl_q4_gemm(att, B, H * d, o_qs, o_dm, D, y, threads);
     add_bias(y, B, D, o_b);
     for (int64_t i = 0; i < B * D; i++) x[i] += y[i];
-    rms_norm_rows(x, B, D, n2, eps, h);
+    rms_norm_rows(x, B, D, n2, eps, h, threads);
     tl_q4_gemm(h, B, D, gu_qs, gu_dm, 2 * I, gu, threads);
     add_bias(gu, B, 2 * I, gu_b);
+#pragma omp parallel for schedule(static) num_threads(B >= PARALLEL_ROWS ? threads : 1)
     for (int64_t b = 0; b < B; b++)  // silu(gate) * up; I is a multiple of 32 (a Q4_1 input)
         for (int64_t i = 0; i < I; i += 8) {
             const __m256 g = _mm256_loadu_ps(gu + b * 2 * I + i), u = _mm256_loadu_ps(gu + b * 2 * I + I + i);
