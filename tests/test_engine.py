@@ -322,3 +322,33 @@ def test_the_cache_allocates_what_is_needed_and_grows_in_place(llama):
     assert cache.k is keys and cache.width == 3 * CPU_BLOCK and cache.rows == 4  # only the width grew
     for old, new in zip(before, cache.k + cache.v):
         assert torch.equal(new[:, :, :2 * CPU_BLOCK], old) and not new[:, :, 2 * CPU_BLOCK:].any()
+
+
+def test_a_prompt_is_read_into_a_cache_made_wide_enough_for_its_first_new_tokens(llama, monkeypatch):
+    """The first chunk's width and DECODE_HEADROOM columns are reserved at once: the cache is
+    made once, and neither the first decode step nor the next 20 regrow it (copies cost time,
+    and old and new side by side cost memory)."""
+    from tokenloom.engine import slots
+    from tokenloom.engine.engine import DECODE_HEADROOM
+
+    made = []
+    real = slots.SlotCache.reserve
+
+    def reserve(self, rows, width, mem_width=0):
+        before = (self.rows, self.width)
+        real(self, rows, width, mem_width)
+        if (self.rows, self.width) != before:
+            made.append((self.rows, self.width))
+
+    monkeypatch.setattr(slots.SlotCache, "reserve", reserve)
+    c = Collector(llama)
+    req = c.add(PROMPTS[1], max_new_tokens=20, ignore_eos=True)
+    c.engine._read_prompts()  # the prefill alone (a step would go on to decode)
+    assert len(made) == 1 and made[0][1] >= len(req.prompt) + 20
+    assert req.logits is None and req.greedy is not None  # plain greedy: the choice, not (1, V) logits
+    c.run()
+    assert len(made) == 1 and len(c.tokens(0)) == 20
+    made.clear()
+    c.add(PROMPTS[1], max_new_tokens=500, ignore_eos=True)  # more than the headroom: reserved up to it
+    c.run(steps=1)
+    assert made and made[-1][1] >= len(req.prompt) + DECODE_HEADROOM
