@@ -34,8 +34,8 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "
     `quantize`: "auto" runs a quantized GGUF file's weights packed (int4 for a mostly 4-bit
     file, else int8) on CPU and leaves float checkpoints float; "int8" / "int4" quantize any
     model's weights at load time (CPU, float32 activations); "w8a8" runs int8 weights times
-    int8 activations (x86 CPUs): the fastest for batches and long prompts, at about twice the
-    memory of "int4"; "none" expands every weight to `dtype`.
+    int8 activations (x86 CPUs, FBGEMM): 8-bit weights at about twice the memory of "int4",
+    which is faster where tokenloom's kernels run; "none" expands every weight to `dtype`.
     """
     from tokenloom.loading.registry import DEFAULT_MODEL
     from tokenloom.loading.resolve import resolve_model

@@ -124,8 +124,8 @@ def add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4", "w8a8"],
                    help="weights packed as int4/int8 on CPU: auto = as a quantized GGUF file stores them "
                         "(float checkpoints stay float), none = expand to --dtype, int8/int4 = quantize the "
-                        "weights at load, w8a8 = int8 weights x int8 activations, fastest for batches and long "
-                        "prompts at about twice int4's memory (default: auto)")
+                        "weights at load, w8a8 = int8 weights x int8 activations (FBGEMM), 8-bit weights at "
+                        "about twice int4's memory (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
