@@ -23,6 +23,7 @@ def _constants():
         return constants
     own = importlib.util.spec_from_file_location("tokenloom._gguf_constants", path)
     module = importlib.util.module_from_spec(own)
+    sys.modules[own.name] = module  # as an import would: classes defined there can find their module
     own.loader.exec_module(module)
     return module
 
