@@ -120,7 +120,7 @@ def test_a_model_decodes_the_same_with_and_without_the_fused_step(tmp_path, monk
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q, k, v
 def test_a_packed_model_decodes_the_same_with_the_whole_block_fused(tmp_path, monkeypatch, arch):
-    """kernels.llama_block (norms, products, attention, SwiGLU, residuals in one call) against
+    """kernels.llama_layers (norms, products, attention, SwiGLU, residuals in one call) against
     the same int4 model run module by module, through the engine, at 1 and 3 rows."""
     save_tiny(arch, tmp_path)
     model = tokenloom.load(tmp_path, quantize="int4")

@@ -163,7 +163,7 @@ class Engine:
         """The columns a decoder-only prompt's first chunk needs (_Prefill.run), so that an empty
         cache is made at that width at once, not made narrow and regrown."""
         n = len(request.prompt)
-        return n + min(max(request.max_new, 1), DECODE_HEADROOM) if n <= self.prefill_chunk else self.prefill_chunk
+        return n + _headroom(request) if n <= self.prefill_chunk else self.prefill_chunk
 
     def _prefill_step(self, whole: bool) -> None:
         pf = self.prefilling
@@ -281,6 +281,11 @@ class Engine:
             req.rows[req.rows.index(src)] = hole
 
 
+def _headroom(request: Request) -> int:
+    """Columns reserved past a prompt for its first new tokens."""
+    return min(max(request.max_new, 1), DECODE_HEADROOM)
+
+
 class _Prefill:
     """A request being read: its prompt in chunks (decoder-only), or its source encoded and the
     decoder's start token run (encoder-decoder), in cache row `row`."""
@@ -309,8 +314,7 @@ class _Prefill:
         while self.done < len(self.tokens):
             chunk = self.tokens[self.done:self.done + eng.prefill_chunk]
             last = self.done + len(chunk) >= len(self.tokens)
-            headroom = min(max(self.request.max_new, 1), DECODE_HEADROOM) if last else 0
-            eng.cache.reserve(self.row + 1, self.done + len(chunk) + headroom)
+            eng.cache.reserve(self.row + 1, self.done + len(chunk) + (_headroom(self.request) if last else 0))
             ids = torch.tensor([chunk], device=eng.device)
             pos = torch.arange(self.done, self.done + len(chunk), device=eng.device)[None]
             with torch.inference_mode():

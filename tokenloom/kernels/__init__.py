@@ -83,9 +83,6 @@ def library() -> ctypes.CDLL | None:
     lib.tl_rope_attention.argtypes = [p, i, i, i, i, p, p, p, p, i, p, p, i, p, i, ctypes.c_float, p, ctypes.c_int]
     lib.tl_rope_attention.restype = None
     f = ctypes.c_float
-    lib.tl_llama_block.argtypes = [p, i, i, p, p, f, p, p, p, p, p, p, p, p, p, i, p, p, p,
-                                   i, i, i, p, p, p, p, i, p, p, i, p, f, ctypes.c_int]
-    lib.tl_llama_block.restype = None
     lib.tl_llama_layers.argtypes = [p, i, i, p, i, f, i, i, i, i, p, p, i, p, p, i, p, f, ctypes.c_int]
     lib.tl_llama_layers.restype = None
     return lib
@@ -135,36 +132,9 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_ca
     return out
 
 
-def llama_block(weights: tuple, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, end: int,
-                mask: torch.Tensor) -> torch.Tensor:
-    """A whole Llama-style block with Q4_1 projections (tl_llama_block) for B tokens at cache
-    rows / columns `rows` / `cols` (as rope_attention), x (..., D) holding B = x.numel() // D.
-
-    `weights`: (norm1, norm2, eps, qkv, o, gate_up, intermediate, down, heads, kv heads, head
-    dim, scale) with each projection as (codes, scales, bias or None) of a Q4Linear; see models/llama.py.
-    x is not modified: the result is a new tensor."""
-    n1, n2, eps, qkv, o, gu, inter, dn, h, hkv, d, scale = weights
-    out = x.reshape(-1, x.shape[-1]).clone()
-    b, dim = out.shape
-    w = k_cache.shape[2]
-    assert mask.shape == (b, end) and cos.shape == sin.shape == (b, d) and rows.shape == cols.shape == (b,)
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and dim % 32 == 0
-    cos, sin, mask = cos.contiguous(), sin.contiguous(), mask.contiguous()
-
-    def ptrs(lin):
-        return lin[0].data_ptr(), lin[1].data_ptr(), None if lin[2] is None else lin[2].data_ptr()
-
-    library().tl_llama_block(out.data_ptr(), b, dim, n1.data_ptr(), n2.data_ptr(), eps, *ptrs(qkv), *ptrs(o),
-                             *ptrs(gu), inter, *ptrs(dn), h, hkv, d, cos.data_ptr(), sin.data_ptr(),
-                             k_cache.data_ptr(), v_cache.data_ptr(), w, rows.data_ptr(), cols.data_ptr(), end,
-                             mask.data_ptr(), scale, torch.get_num_threads())
-    return out.view(x.shape)
-
-
 def layer_table(blocks: list[tuple]) -> torch.Tensor:
-    """The weight pointers of llama_layers for blocks given as llama_block's `weights`: (L, 16)
-    int64, the last two columns (key and value caches) filled per call. The caller keeps the
+    """The weight pointers of llama_layers for blocks given as their `weights` (see there): (L,
+    16) int64, the last two columns (key and value caches) filled per call. The caller keeps the
     weights alive for as long as it uses the table."""
     table = torch.zeros(len(blocks), 16, dtype=torch.long)
     for i, (n1, n2, _, qkv, o, gu, _, dn, *_) in enumerate(blocks):
@@ -178,10 +148,13 @@ def layer_table(blocks: list[tuple]) -> torch.Tensor:
 def llama_layers(blocks: list[tuple], table: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]],
                  x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                  end: int, mask: torch.Tensor) -> torch.Tensor:
-    """Every block of a model in one call (tl_llama_layers), each as llama_block would run it:
-    `blocks` their weights, `table` from layer_table(blocks), `caches` each layer's (keys,
+    """Every Llama-style block of a model, with Q4_1 projections, in one call (tl_llama_layers),
+    for B tokens at cache rows / columns `rows` / `cols` (as rope_attention), x (..., D) holding
+    B = x.numel() // D. `blocks`: each block's (norm1, norm2, eps, qkv, o, gate_up, intermediate,
+    down, heads, kv heads, head dim, scale), each projection as (codes, scales, bias or None) of
+    a Q4Linear (models/llama.py); `table` from layer_table(blocks); `caches` each layer's (keys,
     values). x is not modified: the result is a new tensor."""
-    _, n2, eps, _, _, _, inter, _, h, hkv, d, scale = blocks[0]
+    _, _, eps, _, _, _, inter, _, h, hkv, d, scale = blocks[0]
     out = x.reshape(-1, x.shape[-1]).clone()
     b, dim = out.shape
     w = caches[0][0].shape[2]

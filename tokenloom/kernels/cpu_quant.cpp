@@ -1,7 +1,8 @@
 // tokenloom's CPU kernels for x86 with AVX2:
 // - tl_q4_gemm / tl_q8_gemm: products with quantized weights (below);
 // - tl_rope_attention: rotary, the KV-cache write and attention for a step's tokens;
-// - tl_llama_block: a whole Llama-style block (norms, products, attention, SwiGLU) in one call.
+// - tl_llama_block: a whole Llama-style block (norms, products, attention, SwiGLU) in one call;
+// - tl_llama_layers: every block of a step in one call.
 //
 // Weights stay in blocks of 32 along the input, as GGUF's Q4_1 and Q8_0 store them; each row of
 // activations is quantized to int8 in the same blocks (one scale per block), and a block's dot
@@ -32,8 +33,6 @@ inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-
-inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 // e^x for 8 floats (Cephes' polynomial, within ~2 ulp of expf; 0 below -88.4, not denormals)
 inline __m256 exp8(__m256 x) {
@@ -331,7 +330,8 @@ int tl_abi_version() { return 4; }
 // y (M, N) = x (M, K) times Q4_1 weights (N, K) repacked as q4_group reads them; N a multiple of 8
 void tl_q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const uint16_t* dm, int64_t N, float* y, int threads) {
     const Rows a(x, M, K, threads);
-    // groups of 8 output channels split between threads; each runs all rows of its groups
+    // groups of 8 output channels split between threads; each runs all rows of its groups. The
+    // thread count is passed in: OpenMP's is per calling thread, and PyTorch's may differ
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < N / 8; g++) q4_group(a, K, qs, dm, y, N, g);
 }

@@ -142,7 +142,7 @@ def attend(q, k, v, mask, scale: float | None) -> torch.Tensor:
 
 
 def fused_decode_ok(x: torch.Tensor, mask: torch.Tensor | None, cache, head_dim: int) -> bool:
-    """Whether a step may run the fused kernels (kernels.rope_attention, kernels.llama_block):
+    """Whether a step may run the fused kernels (kernels.rope_attention, kernels.llama_layers):
     our kernels built, float32 on the CPU, a boolean mask, and a cache that can say where each
     token goes (`slot_write`)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and mask is not None

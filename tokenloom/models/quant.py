@@ -216,6 +216,8 @@ class Q4Linear(_BlockLinear):
     bfloat16 keeps 8 per value (measured error against float32: 0.5% vs 1.9%). Built only where
     the kernels are, for output sizes that are multiples of 8."""
 
+    kernel = staticmethod(kernels.q4_mm)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -223,7 +225,6 @@ class Q4Linear(_BlockLinear):
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)  # (scale, min) pairs
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.kernel = kernels.q4_mm
 
     def dense_t(self) -> torch.Tensor:
         """The weights as float32, transposed: (in, out) (for tests and tools, not the hot path)."""
@@ -272,6 +273,8 @@ class Q8Linear(_BlockLinear):
     own kernel, repacked by groups of 8 channels as Q4Linear: the output head of an int4 model,
     ~2x faster than `_weight_int8pack_mm` here at one row, ~4x at 32 (benchmarks/bench_kernels.py)."""
 
+    kernel = staticmethod(kernels.q8_mm)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -279,7 +282,6 @@ class Q8Linear(_BlockLinear):
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.kernel = kernels.q8_mm
 
     def dense_t(self) -> torch.Tensor:
         """The weights as float32, transposed: (in, out) (for tests and tools, not the hot path)."""
@@ -322,8 +324,8 @@ class W8A8Linear(nn.Module):
     Activations are quantized per row, never per tensor, so a row's numbers do not depend on its
     neighbours: each row is scaled to [-63, 63] by its own absolute maximum and sent as two
     rows, its rounding and its rounding error times 126, which together carry ~13 bits (one
-    8-bit row alone cost +1.5% perplexity on the default model). Integer sums are exact, so the result does not depend on how the kernel
-    blocks the rows either. Activations get 7 bits per row, not 8, so that the weights can keep 8
+    8-bit row alone cost +1.5% perplexity on the default model). Integer sums are exact, so the
+    result does not depend on how the kernel blocks the rows either. Activations get 7 bits per row, not 8, so that the weights can keep 8
     (per output channel, as the int8 layers): the kernel adds pairs of uint8 x int8 products in
     int16, which 8 x 8 bits could overflow.
     """
