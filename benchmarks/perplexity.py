@@ -3,9 +3,10 @@
     python benchmarks/perplexity.py [--model smollm2-135m-instruct] [--text benchmarks/data/perplexity.txt]
 
 The float32 path expands the file's weights to float32 (`quantize="none"`). The fast path runs
-them packed (`quantize="auto"`), measured two ways, because it has two kernels: the prefill way
-(all tokens at once: weights expanded per product, float32 GEMM) and the decode way (one token
-per step: the int4/int8 kernels with bfloat16 activations), which is what generation uses.
+them packed (`quantize="auto"`), measured two ways: the prefill way (all tokens in one forward)
+and the decode way (one token per step, as generation runs). Both run on tokenloom's kernels,
+which quantize each product's activations to int8 per block of 32, so they should agree; the
+two rows check that the prompt-chunk and one-token routes through the kernels do.
 """
 
 from __future__ import annotations
