@@ -117,6 +117,31 @@ def test_own_kernels_compute_int8_activations_times_the_blocks():
     torch.testing.assert_close(q8(x).double(), ref, atol=1e-5, rtol=1e-5)
     x[3] = 0  # an all-zero row: scale 0, no NaN
     assert torch.isfinite(q4(x)).all() and torch.isfinite(q8(x)).all()
+    bad = x.clone()
+    bad[5, 37] = float("nan")  # quantized, a NaN would be a finite code: its row's products are NaN
+    for layer in (q4, q8):
+        out = layer(bad)
+        assert out[5].isnan().all() and torch.equal(out[[0, 1, 2, 3, 4, 6, 7, 8]], layer(x)[[0, 1, 2, 3, 4, 6, 7, 8]])
+
+
+@OWN
+def test_the_heads_argmax_equals_the_products_argmax_without_making_them():
+    torch.manual_seed(3)
+    w = torch.randn(200, 96)
+    w[[77, 150, 199]] = w[40].clone()  # equal codes: equal products, where the first channel must win
+    head = Q8Linear(w, None)
+    x = torch.randn(6, 96)
+    x[2] = w[40] * 3  # row 2's largest product is the four-way tie
+    x[4, 10] = float("nan")
+    top, best = head.argmax(x)
+    out = head(x)
+    assert top[2] == 40 and (out[2] == out[2].max()).sum() == 4
+    ok = [0, 1, 2, 3, 5]
+    assert torch.equal(top[ok], out[ok].argmax(-1)) and torch.equal(best[ok], out[ok].amax(-1))
+    assert best[4].isnan() and torch.isfinite(best[ok]).all()
+    biased = Q8Linear(w, torch.randn(200))  # a bias: the products are made, same answers
+    out = biased(x)
+    assert torch.equal(biased.argmax(x)[0][ok], out[ok].argmax(-1))
 
 
 def test_int8_blocks_round_with_the_stored_fp16_scale():
@@ -253,6 +278,54 @@ def test_decode_steps_follow_transformers_on_its_greedy_path(pair):
     top2 = ref.topk(2).values
     clear = (top2[:, 0] - top2[:, 1]) > 0.02 * ref.abs().max()
     assert clear.sum() >= 8 and torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+@OWN
+def test_greedy_steps_take_the_heads_argmax_and_fall_back_to_logits_for_the_rest(tmp_path, monkeypatch):
+    save_tiny("llama", tmp_path)
+    ours = tokenloom.load(tmp_path, quantize="int4")
+    assert isinstance(ours.network.lm_head, Q8Linear)
+    greedy = dict(max_new_tokens=8, ignore_eos=True)
+    want = []
+    for p in PROMPTS[:4]:  # each alone, from its logits
+        c = Collector(ours)
+        c.engine.argmax_head = None
+        c.add(p, **greedy)
+        c.run()
+        want.append(c.tokens(0))
+    calls = []
+    real = Q8Linear.argmax
+    monkeypatch.setattr(Q8Linear, "argmax", lambda self, x: calls.append(len(x)) or real(self, x))
+    c = Collector(ours)
+    for p in PROMPTS[:4]:
+        c.add(p, **greedy)
+    c.run()
+    assert [c.tokens(i) for i in range(4)] == want
+    assert 4 in calls  # steps of all four rows asked the head for its argmax only
+    # a sampled request in the batch: its steps make logits, the greedy one still gets its tokens
+    calls.clear()
+    c = Collector(ours)
+    c.add(PROMPTS[0], **greedy)
+    c.add(PROMPTS[1], do_sample=True, seed=3, **greedy)
+    c.run(steps=4)
+    assert calls == []
+    c.run()
+    assert c.tokens(0) == want[0]
+    # NaN in one request's hidden state: the step falls back to logits and fails that request only
+    c = Collector(ours)
+    good, bad = c.add(PROMPTS[2], **greedy), c.add(PROMPTS[3], **greedy)
+    c.run(steps=3)
+    forward = ours.network.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if not kwargs.get("head", True) and bad.rows:
+            out[bad.rows] = float("nan")
+        return out
+
+    monkeypatch.setattr(ours.network, "forward", poisoned)
+    c.run()
+    assert bad.error and "NaN" in bad.error and c.tokens(good.id) == want[2]
 
 
 @pytest.mark.parametrize("neighbours", [1, 2, 9])

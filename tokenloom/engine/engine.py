@@ -42,6 +42,10 @@ class Engine:
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.encoder_decoder = getattr(model, "is_encoder_decoder", False)
         self.cache = SlotCache(model, dtype, device)
+        # a step whose requests all take the plain argmax asks the head for it (Q8Linear.argmax),
+        # without the (rows, vocabulary) logits
+        head = getattr(model, "lm_head", None)
+        self.argmax_head = head if getattr(model, "separable_head", False) and hasattr(head, "argmax") else None
         self.waiting: deque[Request] = deque()
         self.prefilling: _Prefill | None = None
         self.running: list[Request] = []  # decoding, in admission order
@@ -221,8 +225,9 @@ class Engine:
         for req in self.running:
             for row, tok in zip(req.rows, req.next_tokens):
                 ids[row, 0], pos[row, 0] = tok, self.cache.lengths[row]
-        with torch.inference_mode():
-            logits = self.model(ids.to(self.device), pos.to(self.device), view, last_only=True)[:n, -1].float()
+        logits = self._step_logits(ids.to(self.device), pos.to(self.device), view, n)
+        if logits is None:
+            return
         # one check of the step's rows, not one per request (4 small ops each, ~10 ms at 32 rows)
         usable = usable_rows(logits)
         top = None  # one argmax for every greedy request of the step, not one call per request
@@ -236,6 +241,21 @@ class Engine:
             if req.plain_greedy:
                 top = logits.argmax(dim=-1).tolist() if top is None else top
                 req.greedy = [top[r] for r in rows]
+
+    @torch.inference_mode()
+    def _step_logits(self, ids: torch.Tensor, pos: torch.Tensor, view, n: int) -> torch.Tensor | None:
+        """The step's (n, V) logits; or None when every request takes the plain argmax and the
+        head gave it directly (then each request's `greedy` is set and no logits were made)."""
+        if self.argmax_head is None or not all(req.plain_greedy for req in self.running):
+            return self.model(ids, pos, view, last_only=True)[:n, -1].float()
+        hidden = self.model(ids, pos, view, last_only=True, head=False)[:n, -1]
+        top, best = self.argmax_head.argmax(hidden)
+        if not bool(torch.isfinite(best).all()):  # a NaN or no finite value: the full check finds the rows
+            return self.argmax_head(hidden).float()
+        top = top.tolist()
+        for req in self.running:
+            req.logits, req.usable, req.greedy = None, True, [top[r] for r in req.rows]
+        return None
 
     def _apply(self, req: Request, plan) -> None:
         """Carry out a request's plan on its rows: reorder (beams) or free finished ones."""

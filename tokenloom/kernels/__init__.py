@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 4
+ABI = 5
 QK = 32  # weights per block, as in the C++ source
 
 
@@ -80,6 +80,8 @@ def library() -> ctypes.CDLL | None:
     for fn in (lib.tl_q4_gemm, lib.tl_q8_gemm):
         fn.argtypes = [p, i, i, p, p, i, p, ctypes.c_int]
         fn.restype = None
+    lib.tl_q8_argmax.argtypes = [p, i, i, p, p, i, p, p, ctypes.c_int]
+    lib.tl_q8_argmax.restype = None
     lib.tl_rope_attention.argtypes = [p, i, i, i, i, p, p, p, p, i, p, p, i, p, i, ctypes.c_float, p, ctypes.c_int]
     lib.tl_rope_attention.restype = None
     f = ctypes.c_float
@@ -107,6 +109,18 @@ def q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.T
     """(M, K) float32 times Q8_0 weights (N, K) in the kernel's layout (models/quant.py q8_repack):
     codes (N / 8, K / 32, 256) int8, scales (N / 8, K / 32, 8) float16 -> (M, N) float32."""
     return _gemm(library().tl_q8_gemm, x, codes, scales, codes.shape[0] * 8)
+
+
+def q8_argmax(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x (M, K): the index of the largest product with Q8_0 weights (as q8_mm's, the
+    first of equal ones) and that product, NaN where the row's products hold a NaN; (M,) int64
+    and (M,) float32. The (M, N) products are never stored."""
+    x = x.contiguous()
+    m, k = x.shape
+    idx, best = torch.empty(m, dtype=torch.long), torch.empty(m)
+    library().tl_q8_argmax(x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), codes.shape[0] * 8,
+                           idx.data_ptr(), best.data_ptr(), torch.get_num_threads())
+    return idx, best
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,

@@ -1,5 +1,6 @@
 // tokenloom's CPU kernels for x86 with AVX2:
 // - tl_q4_gemm / tl_q8_gemm: products with quantized weights (below);
+// - tl_q8_argmax: the argmax of each row's products (a greedy step's head);
 // - tl_rope_attention: rotary, the KV-cache write and attention for a step's tokens;
 // - tl_llama_block: a whole Llama-style block (norms, products, attention, SwiGLU) in one call;
 // - tl_llama_layers: every block of a step in one call.
@@ -84,6 +85,11 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
         // kept at fp16 precision, as GGUF's Q8_0 / Q8_1 blocks store them (and llama.cpp uses them)
         d[b] = _cvtsh_ss(_cvtss_sh(scale, 0));
         s[b] = _cvtsh_ss(_cvtss_sh(scale * (float)_mm_cvtsi128_si32(s4), 0));
+        // a NaN would become a finite code (max_ps may drop it): the block's scale carries it
+        // instead, so that the row's products are NaN, as float arithmetic would make them
+        const __m256 nan = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(v0, v0, _CMP_UNORD_Q), _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q)),
+                                        _mm256_or_ps(_mm256_cmp_ps(v2, v2, _CMP_UNORD_Q), _mm256_cmp_ps(v3, v3, _CMP_UNORD_Q)));
+        if (_mm256_movemask_ps(nan)) d[b] = s[b] = NAN;
     }
 }
 
@@ -112,6 +118,52 @@ struct Rows {  // activations quantized per block: codes (M, K); scales and sums
     ~Rows() { free(q); free(d); free(s); }
 };
 
+// Where a group's 8 outputs for row j go: into y (a product), or into the row's running argmax
+// (Argmax below: a greedy step's head, which then never writes its (rows, vocabulary) logits).
+struct Store {
+    float* y;
+    int64_t N;
+    void operator()(int64_t j, int64_t g, __m256 v) const { _mm256_storeu_ps(y + j * N + g * 8, v); }
+};
+
+// Per row: the best value seen in each of 8 lanes and its channel, and whether a NaN was seen.
+// Groups come in increasing order and only a strictly greater value replaces a lane's, so each
+// lane keeps the first of equal values; merge() then takes the lowest channel among the lanes'
+// best: the first maximum, as torch.argmax.
+struct Argmax {
+    __m256* best;
+    __m256i* idx;
+    __m256* nan;
+    explicit Argmax(int64_t M) {
+        best = (__m256*)aligned_alloc(32, sizeof(__m256) * M);
+        idx = (__m256i*)aligned_alloc(32, sizeof(__m256i) * M);
+        nan = (__m256*)aligned_alloc(32, sizeof(__m256) * M);
+        for (int64_t j = 0; j < M; j++) {
+            best[j] = _mm256_set1_ps(-INFINITY);
+            idx[j] = _mm256_setzero_si256();
+            nan[j] = _mm256_setzero_ps();
+        }
+    }
+    ~Argmax() { free(best); free(idx); free(nan); }
+    void operator()(int64_t j, int64_t g, __m256 v) {
+        const __m256 gt = _mm256_cmp_ps(v, best[j], _CMP_GT_OQ);
+        best[j] = _mm256_blendv_ps(best[j], v, gt);
+        const __m256i ch = _mm256_add_epi32(_mm256_set1_epi32((int)(g * 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        idx[j] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(idx[j]), _mm256_castsi256_ps(ch), gt));
+        nan[j] = _mm256_or_ps(nan[j], _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    // row j's result folded into (value, channel); NaN as the value if the row held one
+    void merge(int64_t j, float& value, int64_t& channel) const {
+        alignas(32) float b[8];
+        alignas(32) int32_t c[8];
+        _mm256_store_ps(b, best[j]);
+        _mm256_store_si256((__m256i*)c, idx[j]);
+        for (int l = 0; l < 8; l++)
+            if (b[l] > value || (b[l] == value && c[l] < channel)) value = b[l], channel = c[l];
+        if (_mm256_movemask_ps(nan[j])) value = NAN;
+    }
+};
+
 // Q4_1 weights, repacked by groups of 8 output channels so that one 256-bit register holds 4
 // consecutive weights of each of the 8 (models/quant.py, q4_repack). For group g and block b
 // (32 inputs): 128 bytes of codes, then 16 fp16 (the 8 channels' scales, then their mins).
@@ -133,7 +185,8 @@ constexpr int ROW_TILE = 64;  // rows of activations per pass over a group's wei
 // alone left 30 layers at 1 / 8 / 32 rows at 6.5 / 12.6 / 39.6 ms, against 5.5 / 10.9 / 33.5
 constexpr int PREFETCH = 32;
 
-void q4_group(const Rows& a, int64_t K, const uint8_t* qs, const uint16_t* dm, float* y, int64_t N, int64_t g) {
+template <class Out>
+void q4_group(const Rows& a, int64_t K, const uint8_t* qs, const uint16_t* dm, int64_t g, Out& out) {
     const int64_t nb = K / QK, M = a.M;
     alignas(32) float acc[ROW_TILE * 8];
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -165,7 +218,7 @@ void q4_group(const Rows& a, int64_t K, const uint8_t* qs, const uint16_t* dm, f
                 _mm256_store_ps(o, _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s[b * M + j]), t));
             }
         }
-        for (int64_t j = j0; j < j1; j++) _mm256_storeu_ps(y + j * N + g * 8, _mm256_load_ps(acc + (j - j0) * 8));
+        for (int64_t j = j0; j < j1; j++) out(j, g, _mm256_load_ps(acc + (j - j0) * 8));
     }
 }
 
@@ -177,7 +230,8 @@ void q4_group(const Rows& a, int64_t K, const uint8_t* qs, const uint16_t* dm, f
 // they add up. ~35 instructions per 256 multiply-adds, against ~64 one channel at a time.
 constexpr int Q8_GROUP_BYTES = 256;
 
-void q8_group(const Rows& a, int64_t K, const int8_t* qs, const uint16_t* dq, float* y, int64_t N, int64_t g) {
+template <class Out>
+void q8_group(const Rows& a, int64_t K, const int8_t* qs, const uint16_t* dq, int64_t g, Out& out) {
     const int64_t nb = K / QK, M = a.M;
     alignas(32) float acc[ROW_TILE * 8];
     const __m256i ones = _mm256_set1_epi16(1);
@@ -206,7 +260,7 @@ void q8_group(const Rows& a, int64_t K, const int8_t* qs, const uint16_t* dq, fl
                                                    _mm256_load_ps(o)));
             }
         }
-        for (int64_t j = j0; j < j1; j++) _mm256_storeu_ps(y + j * N + g * 8, _mm256_load_ps(acc + (j - j0) * 8));
+        for (int64_t j = j0; j < j1; j++) out(j, g, _mm256_load_ps(acc + (j - j0) * 8));
     }
 }
 
@@ -325,22 +379,50 @@ inline void rotate(const float* x, const float* cos, const float* sin, int64_t d
 
 extern "C" {
 
-int tl_abi_version() { return 4; }
+int tl_abi_version() { return 5; }
 
 // y (M, N) = x (M, K) times Q4_1 weights (N, K) repacked as q4_group reads them; N a multiple of 8
 void tl_q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const uint16_t* dm, int64_t N, float* y, int threads) {
     const Rows a(x, M, K, threads);
     // groups of 8 output channels split between threads; each runs all rows of its groups. The
     // thread count is passed in: OpenMP's is per calling thread, and PyTorch's may differ
+    Store out{y, N};
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t g = 0; g < N / 8; g++) q4_group(a, K, qs, dm, y, N, g);
+    for (int64_t g = 0; g < N / 8; g++) q4_group(a, K, qs, dm, g, out);
 }
 
 // y (M, N) = x (M, K) times Q8_0 weights (N, K) repacked as q8_group reads them; N a multiple of 8
 void tl_q8_gemm(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N, float* y, int threads) {
     const Rows a(x, M, K, threads);
+    Store out{y, N};
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t g = 0; g < N / 8; g++) q8_group(a, K, qs, d, y, N, g);
+    for (int64_t g = 0; g < N / 8; g++) q8_group(a, K, qs, d, g, out);
+}
+
+// Per row of x (M, K) times Q8_0 weights (N, K) as tl_q8_gemm: the first channel of the largest
+// product (idx) and that product (best; NaN if the row's products hold a NaN), without writing
+// the (M, N) products: a greedy step's head at 32 rows would hold 6.3 MB of logits. The products
+// are tl_q8_gemm's to the bit. Each thread keeps its own running argmax over its groups.
+void tl_q8_argmax(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N,
+                  int64_t* idx, float* best, int threads) {
+    const Rows a(x, M, K, threads);
+    for (int64_t j = 0; j < M; j++) best[j] = -INFINITY, idx[j] = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        Argmax out(M);
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < N / 8; g++) q8_group(a, K, qs, d, g, out);
+#pragma omp critical
+        for (int64_t j = 0; j < M; j++) {
+            // a NaN in any thread's part makes the row's value NaN
+            float value = best[j];
+            int64_t channel = idx[j];
+            const bool was_nan = value != value;
+            if (was_nan) value = -INFINITY;
+            out.merge(j, value, channel);
+            best[j] = was_nan ? NAN : value, idx[j] = channel;
+        }
+    }
 }
 
 

@@ -122,6 +122,12 @@ class Model(nn.Module):
         self.rotary = {t: Rotary(args.rope[t], args.head_dim) for t in (SLIDING, FULL)}
 
     @property
+    def separable_head(self) -> bool:
+        """Whether forward(head=False) gives what lm_head alone turns into the logits: not with
+        Gemma 2-style soft-capping, whose tanh could tie distinct maxima in float32."""
+        return not self.args.final_logit_softcapping
+
+    @property
     def max_positions(self) -> int:
         return self.args.max_position_embeddings
 
@@ -130,7 +136,7 @@ class Model(nn.Module):
         return KVCache(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim, max_len, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                last_only: bool = False, return_hidden: bool = False):
+                last_only: bool = False, return_hidden: bool = False, head: bool = True):
         x = self.embed_tokens(input_ids)
         # HF rounds the scale to the activation dtype before multiplying
         x = x * torch.tensor(self.args.hidden_size ** 0.5, dtype=x.dtype)
@@ -144,6 +150,8 @@ class Model(nn.Module):
         if last_only and not return_hidden:
             x = x[:, -1:]
         hidden = self.norm(x)  # (B, T, D): transformers' hidden_states[-1], for contrastive search
+        if not head:  # the caller applies lm_head itself (a greedy step's argmax: engine.py)
+            return hidden[:, -1:] if last_only else hidden
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         if self.args.final_logit_softcapping:
             cap = self.args.final_logit_softcapping

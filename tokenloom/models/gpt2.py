@@ -72,6 +72,7 @@ class Block(nn.Module):
 
 class Model(nn.Module):
     is_encoder_decoder = False
+    separable_head = True  # forward(head=False) gives what lm_head turns into the logits
     Args = ModelArgs
 
     def __init__(self, args: ModelArgs):
@@ -92,7 +93,7 @@ class Model(nn.Module):
         return KVCache(a.n_layer, batch, a.n_head, a.n_embd // a.n_head, max_len, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                last_only: bool = False, return_hidden: bool = False):
+                last_only: bool = False, return_hidden: bool = False, head: bool = True):
         x = self.wte(input_ids) + self.wpe(position_ids.clamp(min=0))
         mask = attention_mask(position_ids, cache.begin(position_ids))
         for block in self.h:
@@ -101,6 +102,8 @@ class Model(nn.Module):
         if last_only and not return_hidden:
             x = x[:, -1:]
         hidden = self.ln_f(x)  # (B, T, D): transformers' hidden_states[-1], for contrastive search
+        if not head:  # the caller applies lm_head itself (a greedy step's argmax: engine.py)
+            return hidden[:, -1:] if last_only else hidden
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         return (logits, hidden) if return_hidden else logits
 

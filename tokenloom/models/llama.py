@@ -123,6 +123,7 @@ class Block(nn.Module):
 
 class Model(nn.Module):
     is_encoder_decoder = False
+    separable_head = True  # forward(head=False) gives what lm_head turns into the logits
     Args = ModelArgs
 
     def __init__(self, args: ModelArgs):
@@ -143,7 +144,7 @@ class Model(nn.Module):
         return KVCache(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim, max_len, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                last_only: bool = False, return_hidden: bool = False):
+                last_only: bool = False, return_hidden: bool = False, head: bool = True):
         """input_ids, position_ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`.
 
         With `return_hidden`, also the final-norm output (B, T, D) of every position."""
@@ -165,6 +166,8 @@ class Model(nn.Module):
         if last_only and not return_hidden:
             x = x[:, -1:]
         hidden = self.norm(x)  # (B, T, D): transformers' hidden_states[-1], for contrastive search
+        if not head:  # the caller applies lm_head itself (a greedy step's argmax: engine.py)
+            return hidden[:, -1:] if last_only else hidden
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         return (logits, hidden) if return_hidden else logits
 
