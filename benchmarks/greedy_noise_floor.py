@@ -26,35 +26,7 @@ from pathlib import Path
 
 import torch
 
-from tokenloom.bench import AGREEMENT_PROMPTS
-
-
-@torch.inference_mode()
-def greedy_run(net, prompt: list[int], n: int, forced: list[int] | None = None) -> list[int]:
-    """The argmax at each of n positions; fed `forced`'s tokens when given, else its own choices."""
-    cache = net.make_cache(1, len(prompt) + n)
-    logits = net(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, last_only=True)
-    out = []
-    for t in range(n):
-        out.append(int(logits[0, -1].argmax()))
-        if t + 1 < n:
-            tok = forced[t] if forced is not None else out[-1]
-            logits = net(torch.tensor([[tok]]), torch.tensor([[len(prompt) + t]]), cache, last_only=True)
-    return out
-
-
-class Nudged:
-    """Within the block, the network's input embeddings are multiplied by (1 + eps * N(0, 1))."""
-
-    def __init__(self, net, eps: float, seed: int):
-        self.embed, self.eps, self.gen = net.embed_tokens, eps, torch.Generator().manual_seed(seed)
-
-    def __enter__(self):
-        plain = type(self.embed).forward.__get__(self.embed)
-        self.embed.forward = lambda ids: (x := plain(ids)) * (1 + self.eps * torch.randn(x.shape, generator=self.gen))
-
-    def __exit__(self, *exc):
-        del self.embed.forward
+from tokenloom.bench import AGREEMENT_PROMPTS, Nudged, greedy_run
 
 
 def main() -> int:

@@ -74,10 +74,39 @@ def test_table_has_every_row_and_a_not_available_column(run):
                 "beam search, 2 beams (tok/s)", "peak RSS while generating (MB)", "runtime baseline RSS (MB)",
                 "RSS after import alone (MB)",
                 "budget: runtime + 1.5 x weight file + KV (MB)", "KV cache: the workload needs / the engine allocated",
-                "greedy agreement with llama.cpp", "llama.cpp picks the same next token"):
+                "greedy agreement with llama.cpp", "llama.cpp picks the same next token", "the floor: the same engine"):
         line = next(line for line in text.splitlines() if line.startswith(f"| {row}"))
         assert "| not available |" in line
     assert "llama.cpp: no llama.cpp python" in text
+
+
+def test_the_floor_row_nudges_tokenloom_against_itself(run):
+    text, data, folder = run
+    u = data["results"]["tokenloom"]["nudged"]
+    assert u["prompts"] == len(bench.AGREEMENT_PROMPTS) and u["positions"] == u["prompts"] * 6
+    assert 0 <= u["identical"] <= u["prompts"] and 0 <= u["same"] <= u["positions"]
+    row = next(line for line in text.splitlines() if line.startswith("| the floor"))
+    assert f"| {u['identical']}/{u['prompts']} texts, {u['same']}/{u['positions']} (" in row
+    assert "nudged" not in data["results"]["transformers"]
+
+
+def test_a_nudge_moves_the_inputs_and_leaves_them_as_they_were_after(tmp_path):
+    import torch
+
+    import tokenloom
+    save_tiny("llama", tmp_path)
+    net = tokenloom.load(tmp_path).network
+    ids = torch.tensor([[3, 4, 5]])
+    plain = net.embed_tokens(ids)
+    with bench.Nudged(net, 1e-3, seed=1):
+        nudged = net.embed_tokens(ids)
+    assert not torch.equal(nudged, plain) and torch.allclose(nudged, plain, rtol=1e-2)
+    assert torch.equal(net.embed_tokens(ids), plain) and "forward" not in vars(net.embed_tokens)
+    prompts = [[3, 4], [5, 6, 7]]
+    same = bench.nudged_agreement(net, prompts, 5, eps=0.0)  # no nudge: the floor is the ceiling
+    assert same == {"eps": 0.0, "identical": 2, "prompts": 2, "same": 10, "positions": 10}
+    assert bench.greedy_run(net, [3, 4], 5) == tokenloom.load(tmp_path).generate_ids(
+        [[3, 4]], tokenloom.GenerationConfig(max_new_tokens=5, ignore_eos=True))[0].token_ids
 
 
 def test_agreement_counts_identical_runs_and_common_prefixes():

@@ -20,6 +20,8 @@ allocated is shown beside it: over-allocation counts against the budget).
 Agreement: the first 32 greedy tokens of 8 short plain-text prompts, compared with llama.cpp's;
 and, position by position along each engine's own greedy tokens, whether llama.cpp given the
 same prefix picks the same next one (one near-tie early on decides all of a free-running text).
+The floor under both: tokenloom against itself with its input embeddings nudged by ~1 ulp
+(benchmarks/greedy_noise_floor.py does more nudges, and the float32 path).
 
 The llama.cpp runner is benchmarks/llama_cpp_runner.py, run by the python of a separate venv
 (benchmarks/setup_llama_cpp.sh builds one): llama-cpp-python is never a tokenloom dependency.
@@ -147,6 +149,56 @@ def measure(name: str, generate, spec: dict) -> dict:
     return {"tok_s": {k: statistics.median(v) for k, v in samples.items()}, "samples": samples, "greedy": greedy}
 
 
+def greedy_run(net, prompt: list[int], n: int, forced: list[int] | None = None) -> list[int]:
+    """The network's argmax at each of n positions after `prompt`, fed its own choices, or fed
+    `forced`'s tokens when given (straight network calls, one token per step)."""
+    import torch
+
+    with torch.inference_mode():
+        cache = net.make_cache(1, len(prompt) + n)
+        logits = net(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, last_only=True)
+        out = []
+        for t in range(n):
+            out.append(int(logits[0, -1].argmax()))
+            if t + 1 < n:
+                tok = forced[t] if forced is not None else out[-1]
+                logits = net(torch.tensor([[tok]]), torch.tensor([[len(prompt) + t]]), cache, last_only=True)
+    return out
+
+
+class Nudged:
+    """Within the block, the network's input embeddings are multiplied by (1 + eps * N(0, 1)):
+    with eps = 1e-7, about one float32 ulp."""
+
+    def __init__(self, net, eps: float, seed: int):
+        import torch
+
+        self.embed, self.eps, self.gen = net.embed_tokens, eps, torch.Generator().manual_seed(seed)
+
+    def __enter__(self):
+        import torch
+
+        plain = type(self.embed).forward.__get__(self.embed)
+        self.embed.forward = lambda ids: (x := plain(ids)) * (1 + self.eps * torch.randn(x.shape, generator=self.gen))
+
+    def __exit__(self, *exc):
+        del self.embed.forward
+
+
+def nudged_agreement(net, prompts: list[list[int]], n: int, eps: float = 1e-7, seed: int = 1) -> dict:
+    """The agreement rows' measure, between the network and itself with its inputs nudged by
+    ~1 ulp: how many greedy texts stay identical, and how often the nudged network, fed the
+    plain one's text, picks the same next token. With int8-quantized activations a one-ulp
+    change can move a code, and that is the floor under agreement with any other engine whose
+    arithmetic is not ours bit for bit (llama.cpp's included)."""
+    plain = [greedy_run(net, p, n) for p in prompts]
+    with Nudged(net, eps, seed):
+        texts = [greedy_run(net, p, n) for p in prompts]
+        steps = [greedy_run(net, p, n, forced=ref) for p, ref in zip(prompts, plain)]
+    return {"eps": eps, "identical": sum(a == b for a, b in zip(texts, plain)), "prompts": len(prompts),
+            "same": sum(a == b for s, ref in zip(steps, plain) for a, b in zip(s, ref)), "positions": len(prompts) * n}
+
+
 def progress(name: str, text: str) -> None:
     print(f"[{name}] {text}", file=sys.stderr, flush=True)
 
@@ -184,6 +236,8 @@ def run_tokenloom(spec: dict) -> dict:
 
     with PeakRss() as rss:
         out = measure("tokenloom", generate, spec)
+    out["nudged"] = nudged_agreement(model.network, spec["agree_prompts"], spec["agree_tokens"])
+    progress("tokenloom", "greedy tokens with inputs nudged by one ulp")
     return {**out, "baseline_rss": baseline, "import_rss": imported, "peak_rss": rss.peak, "kv_bytes_per_token": per_token,
             "kv_allocated_bytes": kv[0], "info": f"quantization={model.quantization or 'none'}"}
 
@@ -389,6 +443,14 @@ def table(results: dict, spec: dict, args, weights: int) -> str:
                      else results[e].get("error", "—"))
     lines.append("| llama.cpp picks the same next token, fed this engine's greedy prefix (positions) | "
                  + " | ".join(cells + ["—"] * len(ratios)) + " |")
+    cells = []
+    for e in engines:
+        u = results[e].get("nudged")
+        cells.append(f"{u['identical']}/{u['prompts']} texts, {u['same']}/{u['positions']} "
+                     f"({u['same'] / u['positions']:.1%}) next tokens" if u else results[e].get("error", "—"))
+    if any(results[e].get("nudged") for e in engines):
+        lines.append("| the floor: the same engine with its inputs nudged by ~1 ulp (identical texts, same next token) | "
+                     + " | ".join(cells + ["—"] * len(ratios)) + " |")
 
     notes = [f"model {args.model} ({Path(spec['path']).name}, {weights * mb:.1f} MB), threads={spec['threads']}, "
              f"median of {spec['reps']} after a warm-up, {spec['new_tokens']} new tokens, "
