@@ -375,6 +375,12 @@ inline void rotate(const float* x, const float* cos, const float* sin, int64_t d
     }
 }
 
+// From this many rows a product is compute-bound and each group of 8 channels is long work, so
+// groups are handed out as threads ask (a thread slowed by another process then does less of
+// it); below, each thread takes one contiguous range, which the prefetcher streams best
+// (dynamic at one row: 4.9 -> 7.4 ms for 30 layers' products).
+constexpr int64_t DYNAMIC_ROWS = 64;
+
 }  // namespace
 
 extern "C" {
@@ -387,6 +393,11 @@ void tl_q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const u
     // groups of 8 output channels split between threads; each runs all rows of its groups. The
     // thread count is passed in: OpenMP's is per calling thread, and PyTorch's may differ
     Store out{y, N};
+    if (M >= DYNAMIC_ROWS) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+        for (int64_t g = 0; g < N / 8; g++) q4_group(a, K, qs, dm, g, out);
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < N / 8; g++) q4_group(a, K, qs, dm, g, out);
 }
@@ -395,6 +406,11 @@ void tl_q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const u
 void tl_q8_gemm(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N, float* y, int threads) {
     const Rows a(x, M, K, threads);
     Store out{y, N};
+    if (M >= DYNAMIC_ROWS) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+        for (int64_t g = 0; g < N / 8; g++) q8_group(a, K, qs, d, g, out);
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < N / 8; g++) q8_group(a, K, qs, d, g, out);
 }
