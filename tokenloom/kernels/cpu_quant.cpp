@@ -156,15 +156,18 @@ struct Argmax {
         idx[j] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(idx[j]), _mm256_castsi256_ps(ch), gt));
         nan[j] = _mm256_or_ps(nan[j], _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
-    // row j's result folded into (value, channel); NaN as the value if the row held one
-    void merge(int64_t j, float& value, int64_t& channel) const {
+    // row j's lanes folded into a (value, channel) running over threads, and its NaN flag
+    void merge(int64_t j, float& value, int64_t& channel, uint8_t& has_nan) const {
         alignas(32) float b[8];
         alignas(32) int32_t c[8];
         _mm256_store_ps(b, best[j]);
         _mm256_store_si256((__m256i*)c, idx[j]);
         for (int l = 0; l < 8; l++)
-            if (b[l] > value || (b[l] == value && c[l] < channel)) value = b[l], channel = c[l];
-        if (_mm256_movemask_ps(nan[j])) value = NAN;
+            if (b[l] > value || (b[l] == value && c[l] < channel)) {
+                value = b[l];
+                channel = c[l];
+            }
+        if (_mm256_movemask_ps(nan[j])) has_nan = 1;
     }
 };
 
@@ -426,23 +429,22 @@ void tl_q8_gemm(const float* x, int64_t M, int64_t K, const int8_t* qs, const ui
 void tl_q8_argmax(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N,
                   int64_t* idx, float* best, int threads) {
     const Rows a(x, M, K, threads);
-    for (int64_t j = 0; j < M; j++) best[j] = -INFINITY, idx[j] = 0;
+    uint8_t* has_nan = (uint8_t*)calloc(M, 1);
+    for (int64_t j = 0; j < M; j++) {
+        best[j] = -INFINITY;
+        idx[j] = 0;
+    }
 #pragma omp parallel num_threads(threads)
     {
         Argmax out(M);
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < N / 8; g++) q8_group(a, K, qs, d, g, out);
 #pragma omp critical
-        for (int64_t j = 0; j < M; j++) {
-            // a NaN in any thread's part makes the row's value NaN
-            float value = best[j];
-            int64_t channel = idx[j];
-            const bool was_nan = value != value;
-            if (was_nan) value = -INFINITY;
-            out.merge(j, value, channel);
-            best[j] = was_nan ? NAN : value, idx[j] = channel;
-        }
+        for (int64_t j = 0; j < M; j++) out.merge(j, best[j], idx[j], has_nan[j]);
     }
+    for (int64_t j = 0; j < M; j++)
+        if (has_nan[j]) best[j] = NAN;
+    free(has_nan);
 }
 
 
