@@ -147,7 +147,8 @@ class Model(nn.Module):
                 last_only: bool = False, return_hidden: bool = False, head: bool = True):
         """input_ids, position_ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`.
 
-        With `return_hidden`, also the final-norm output (B, T, D) of every position."""
+        With `return_hidden`, also the final-norm output (B, T, D) of every position. With
+        `head=False`, that output instead of the logits (engine.py: a greedy step's argmax)."""
         x = self.embed_tokens(input_ids)
         mask = attention_mask(position_ids, cache.begin(position_ids), self.args.sliding_window)
         cos, sin = self.rotary(position_ids, x.dtype)
