@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from tokenloom.bench import AGREEMENT_PROMPTS, Nudged, greedy_run
+from tokenloom.bench import AGREEMENT_PROMPTS, greedy_run, nudged_agreement
 
 
 def main() -> int:
@@ -48,16 +48,10 @@ def main() -> int:
         prompts = [model.tokenizer.encode(p, add_special_tokens=False) for p in AGREEMENT_PROMPTS]
         plain = [greedy_run(net, p, n) for p in prompts]
         for seed in range(1, args.seeds + 1):
-            with Nudged(net, args.eps, seed):
-                texts = [greedy_run(net, p, n) for p in prompts]
-                steps = [greedy_run(net, p, n, forced=ref) for p, ref in zip(prompts, plain)]
-            row = {"quantize": quantize, "eps": args.eps, "seed": seed,
-                   "identical_texts": sum(a == b for a, b in zip(texts, plain)), "prompts": len(prompts),
-                   "same_next": sum(a == b for s, ref in zip(steps, plain) for a, b in zip(s, ref)),
-                   "positions": len(prompts) * n}
+            row = {"quantize": quantize, "seed": seed, **nudged_agreement(net, prompts, n, args.eps, seed, plain)}
             rows.append(row)
             print(f"quantize={quantize} eps={args.eps:g} seed={seed}: identical texts "
-                  f"{row['identical_texts']}/{row['prompts']}, same next token {row['same_next']}/{row['positions']}",
+                  f"{row['identical']}/{row['prompts']}, same next token {row['same']}/{row['positions']}",
                   file=sys.stderr, flush=True)
         del model, net
     out = Path(__file__).resolve().parent / "results" / f"noise-floor-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -280,6 +280,14 @@ def test_decode_steps_follow_transformers_on_its_greedy_path(pair):
     assert clear.sum() >= 8 and torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
+def count_argmax_calls(monkeypatch) -> list[int]:
+    """The row counts of every Q8Linear.argmax call from now on (the calls still run)."""
+    calls = []
+    real = Q8Linear.argmax
+    monkeypatch.setattr(Q8Linear, "argmax", lambda self, x: calls.append(len(x)) or real(self, x))
+    return calls
+
+
 def greedy_alone_from_logits(model, prompts: list[str], **params) -> list[list[int]]:
     """Each prompt's tokens, alone on an engine that never asks the head for its argmax."""
     out = []
@@ -300,9 +308,7 @@ def test_greedy_steps_take_the_heads_argmax_in_every_decoder_family(arch, tmp_pa
     assert isinstance(ours.network.lm_head, Q8Linear)
     greedy = dict(max_new_tokens=8, ignore_eos=True)
     want = greedy_alone_from_logits(ours, PROMPTS[:4], **greedy)
-    calls = []
-    real = Q8Linear.argmax
-    monkeypatch.setattr(Q8Linear, "argmax", lambda self, x: calls.append(len(x)) or real(self, x))
+    calls = count_argmax_calls(monkeypatch)
     c = Collector(ours)
     for p in PROMPTS[:4]:
         c.add(p, **greedy)
@@ -320,9 +326,7 @@ def test_a_sampled_request_or_a_nan_takes_a_greedy_step_back_to_logits(tmp_path,
     ours = tokenloom.load(tmp_path, quantize="int4")
     greedy = dict(max_new_tokens=8, ignore_eos=True)
     want = greedy_alone_from_logits(ours, PROMPTS[:3], **greedy)
-    calls = []
-    real = Q8Linear.argmax
-    monkeypatch.setattr(Q8Linear, "argmax", lambda self, x: calls.append(len(x)) or real(self, x))
+    calls = count_argmax_calls(monkeypatch)
     # a sampled request in the batch: its steps make logits, the greedy one still gets its tokens
     c = Collector(ours)
     c.add(PROMPTS[0], **greedy)

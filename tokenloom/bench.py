@@ -185,13 +185,15 @@ class Nudged:
         del self.embed.forward
 
 
-def nudged_agreement(net, prompts: list[list[int]], n: int, eps: float = 1e-7, seed: int = 1) -> dict:
+def nudged_agreement(net, prompts: list[list[int]], n: int, eps: float = 1e-7, seed: int = 1,
+                     plain: list[list[int]] | None = None) -> dict:
     """The agreement rows' measure, between the network and itself with its inputs nudged by
     ~1 ulp: how many greedy texts stay identical, and how often the nudged network, fed the
     plain one's text, picks the same next token. With int8-quantized activations a one-ulp
     change can move a code, and that is the floor under agreement with any other engine whose
-    arithmetic is not ours bit for bit (llama.cpp's included)."""
-    plain = [greedy_run(net, p, n) for p in prompts]
+    arithmetic is not ours bit for bit (llama.cpp's included). `plain`: the un-nudged greedy
+    tokens, when the caller already has them."""
+    plain = plain if plain is not None else [greedy_run(net, p, n) for p in prompts]
     with Nudged(net, eps, seed):
         texts = [greedy_run(net, p, n) for p in prompts]
         steps = [greedy_run(net, p, n, forced=ref) for p, ref in zip(prompts, plain)]
