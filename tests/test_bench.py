@@ -114,13 +114,14 @@ def test_agreement_counts_identical_runs_and_common_prefixes():
     assert a == {"identical": 1, "prompts": 3, "mean_common_prefix": pytest.approx((3 + 1 + 0) / 3)}
 
 
-def test_llama_cpps_step_by_step_check_of_each_engines_tokens_gets_a_row():
+def test_llama_cpps_step_by_step_check_and_its_own_floor_get_rows():
     spec = {"prefill": [1] * 16, "batches": {1: [[1] * 4]}, "beams": 1, "new_tokens": 4, "beam_prompt": [1] * 4,
             "agree_prompts": [[1], [2]], "agree_tokens": 3, "reps": 1, "threads": 1, "path": "m.gguf"}
     mine = {"tok_s": {"prefill": 9.0, "decode_b1": 2.0}, "peak_rss": 300, "baseline_rss": 100,
             "kv_bytes_per_token": 10, "kv_allocated_bytes": 20, "greedy": [[5, 6, 7], [8, 9, 9]]}
     llama = {"tok_s": {"prefill": 3.0, "decode_b1": 1.0}, "peak_rss": 50, "baseline_rss": 10,
-             "greedy": [[5, 6, 7], [8, 1, 1]], "forced": {"tokenloom": {"same": 5, "positions": 6}}}
+             "greedy": [[5, 6, 7], [8, 1, 1]], "forced": {"tokenloom": {"same": 5, "positions": 6}},
+             "nudged": {"eps": 1e-7, "exact": True, "identical": 1, "prompts": 2, "same": 4, "positions": 6}}
     results = {"tokenloom": mine, "llama.cpp": llama}
     bench.summarize(results, spec, 1000)
     assert mine["agreement"]["identical"] == 1 and mine["forced_agreement"] == {"same": 5, "positions": 6}
@@ -128,6 +129,13 @@ def test_llama_cpps_step_by_step_check_of_each_engines_tokens_gets_a_row():
     row = next(line for line in bench.table(results, spec, args, 1000).splitlines()
                if line.startswith("| llama.cpp picks the same next token"))
     assert "| 5/6 (83.3%) |" in row
+    # llama.cpp's own floor fills its column of the floor row; a floor whose un-nudged run did not
+    # reproduce llama.cpp's text is flagged
+    floor = next(line for line in bench.table(results, spec, args, 1000).splitlines() if line.startswith("| the floor"))
+    assert floor.split(" | ")[1:3] == ["—", "1/2 texts, 4/6 (66.7%) next tokens"]
+    llama["nudged"]["exact"] = False
+    floor = next(line for line in bench.table(results, spec, args, 1000).splitlines() if line.startswith("| the floor"))
+    assert "did not give its own text" in floor.split(" | ")[2]
 
 
 def test_unknown_engine_is_one_line_error(capsys):

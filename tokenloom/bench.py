@@ -20,7 +20,9 @@ allocated is shown beside it: over-allocation counts against the budget).
 Agreement: the first 32 greedy tokens of 8 short plain-text prompts, compared with llama.cpp's;
 and, position by position along each engine's own greedy tokens, whether llama.cpp given the
 same prefix picks the same next one (one near-tie early on decides all of a free-running text).
-The floor under both: tokenloom against itself with its input embeddings nudged by ~1 ulp
+The floor under both: each engine against itself with its input embeddings nudged by ~1 ulp,
+tokenloom here, llama.cpp in its runner (fed the embeddings as input vectors); with int8
+activations a one-ulp change can move a code and, at the next near-tie, the text
 (benchmarks/greedy_noise_floor.py does more nudges, and the float32 path).
 
 The llama.cpp runner is benchmarks/llama_cpp_runner.py, run by the python of a separate venv
@@ -449,7 +451,9 @@ def table(results: dict, spec: dict, args, weights: int) -> str:
     for e in engines:
         u = results[e].get("nudged")
         cells.append(f"{u['identical']}/{u['prompts']} texts, {u['same']}/{u['positions']} "
-                     f"({u['same'] / u['positions']:.1%}) next tokens" if u else results[e].get("error", "—"))
+                     f"({u['same'] / u['positions']:.1%}) next tokens"
+                     + (" (but its un-nudged input vectors did not give its own text)" if u.get("exact") is False else "")
+                     if u else results[e].get("error", "—"))
     if any(results[e].get("nudged") for e in engines):
         lines.append("| the floor: the same engine with its inputs nudged by ~1 ulp (identical texts, same next token) | "
                      + " | ".join(cells + ["—"] * len(ratios)) + " |")
