@@ -47,7 +47,8 @@ def main() -> None:
     if kernels.library() is not None:
         kinds = {"Q4_1 (ours)": Q4Linear, "Q8_0 (ours)": Q8Linear, **kinds}
     packed = {name: [[cls(w, None) for w in layer] for layer in weights] for name, cls in kinds.items()}
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
+    own = f", our kernels {kernels.cpu_isa()}" if kernels.library() is not None else ""
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}{own}, {args.threads} threads, "
           f"ms for the products of all {LAYERS} layers")
     print("| rows M | " + " | ".join(packed) + " | float32 |\n|---|" + "---|" * (len(packed) + 1))
     for m in (1, 4, 8, 32, 512):

@@ -13,6 +13,7 @@ import platform
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tokenloom
 from tests.test_engine import PROMPTS, Collector, alone
@@ -20,7 +21,8 @@ from tests.tiny import make_hf_model, save_tiny
 from tokenloom import kernels
 from tokenloom.config import GenerationConfig
 from tokenloom.errors import TokenloomError
-from tokenloom.models.quant import (DENSE_MIN, GROUP, Int4Linear, Int8Linear, Q4Linear, Q8Linear, W8A8Linear,
+from tokenloom.models.base import DENSE_MIN, Linear, linear
+from tokenloom.models.quant import (GROUP, Int4Linear, Int8Linear, Q4Linear, Q8Linear, W8A8Linear,
                                     int4_block, int4_groups, int8_blocks, q4_unpack, q8_rows, w8a8_supported)
 
 needs_fbgemm = pytest.mark.skipif(not w8a8_supported(), reason="w8a8 needs FBGEMM (x86 CPUs)")
@@ -70,7 +72,7 @@ ALL_PACKED = [Int4Linear, Int8Linear, pytest.param(Q4Linear, marks=OWN), pytest.
 @pytest.mark.parametrize("cls", ALL_PACKED)
 def test_prefill_and_decode_products_agree_with_the_expanded_weights(cls):
     torch.manual_seed(0)
-    w, b = torch.randn(96, 64) * 0.1, torch.randn(96)
+    w, b = torch.randn(128, 64) * 0.1, torch.randn(128)  # 128: a multiple of int4_block() (32 or 64)
     layer = cls(w, b)
     expanded = layer.dense_t().t()
     x = torch.randn(1, DENSE_MIN, 64)
@@ -142,6 +144,65 @@ def test_the_heads_argmax_equals_the_products_argmax_without_making_them():
     biased = Q8Linear(w, torch.randn(200))  # a bias: the products are made, same answers
     out = biased(x)
     assert torch.equal(biased.argmax(x)[0][ok], out[ok].argmax(-1))
+
+
+def test_kernels_use_vnni_where_the_cpu_has_it_unless_told_avx2(monkeypatch):
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    has = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags)
+    assert kernels.cpu_isa() == ("avx512vnni" if has else "avx2")
+    monkeypatch.setenv("TOKENLOOM_KERNELS", "avx2")
+    assert kernels.cpu_isa() == "avx2"
+
+
+@OWN
+@pytest.mark.skipif(kernels.cpu_isa() != "avx512vnni", reason="the VNNI build runs only on a CPU with AVX-512 VNNI")
+def test_the_vnni_build_gives_the_avx2_builds_numbers_bit_for_bit():
+    """Both builds' integer block sums are exact and their float steps the same, in the same
+    order: from one row (plain) through pairs of rows, odd counts and several row tiles."""
+    torch.manual_seed(4)
+    avx2, vnni = (kernels.load(kernels.build(isa=isa)) for isa in ("avx2", "avx512vnni"))
+    w = torch.randn(200, 96)
+    q4, q8 = Q4Linear(w, None), Q8Linear(w, None)
+    q8.codes.view(-1)[::37] = -128  # a GGUF file may hold Q8_0's -128
+    bits = lambda t: t.view(torch.int32)  # NaN == NaN, bit for bit
+    for m in (1, 2, 3, 4, 7, 64, 65, 130):
+        x = torch.randn(m, 96) * 4
+        x[0, :32] = 0  # an all-zero block
+        if m > 3:
+            x[3, 50] = float("nan")
+        for fn, layer in (("tl_q4_gemm", q4), ("tl_q8_gemm", q8)):
+            a, b = (kernels._gemm(getattr(lib, fn), x, layer.codes, layer.scales, 200) for lib in (avx2, vnni))
+            assert torch.equal(bits(a), bits(b)), (fn, m)
+        picks = []
+        for lib in (avx2, vnni):
+            idx, best = torch.empty(m, dtype=torch.long), torch.empty(m)
+            lib.tl_q8_argmax(x.data_ptr(), m, 96, q8.codes.data_ptr(), q8.scales.data_ptr(), 200, idx.data_ptr(),
+                             best.data_ptr(), 1)
+            picks.append((idx, bits(best)))
+        assert torch.equal(picks[0][0], picks[1][0]) and torch.equal(picks[0][1], picks[1][1])
+
+
+@OWN
+@torch.no_grad()
+def test_float_products_give_a_row_the_same_bits_at_any_row_count():
+    """MKL's sgemm does not (on AVX-512 its small-row kernel runs up to a shape-dependent row
+    count), so float32 decode products run in ours (models/base.py linear); prefills stay in MKL."""
+    torch.manual_seed(5)
+    builds = [kernels.library()] + ([kernels.load(kernels.build(isa="avx2"))] if kernels.cpu_isa() != "avx2" else [])
+    for n, k in ((200, 96), (13, 37), (384, 1536)):  # 37: a tail of the input past 8-lane vectors
+        layer = Linear(k, n)
+        x = torch.randn(41, 1, k)
+        full = layer(x)
+        assert (full - F.linear(x, layer.weight, layer.bias)).abs().max() < 1e-4 * k ** 0.5
+        for m in (1, 2, 3, 4, 5, 8, 17, 40):  # whole tiles of 4 rows, partial ones, and one row
+            assert torch.equal(layer(x[:m]), full[:m])
+            assert torch.equal(layer(x[m:m + 1]), full[m:m + 1])
+        for lib in builds[1:]:  # the AVX2 build (3 channels at a time) gives the same bits
+            y = torch.empty(41, n)
+            lib.tl_f32_gemm(x.data_ptr(), 41, k, layer.weight.data_ptr(), layer.bias.data_ptr(), n, y.data_ptr(), 2)
+            assert torch.equal(y, full.view(41, n))
+    prompt, w = torch.randn(1, DENSE_MIN, 96), torch.randn(200, 96)
+    assert torch.equal(linear(prompt, w), F.linear(prompt, w))
 
 
 def test_int8_blocks_round_with_the_stored_fp16_scale():

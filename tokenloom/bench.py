@@ -214,6 +214,7 @@ def run_tokenloom(spec: dict) -> dict:
     import torch
 
     import tokenloom
+    from tokenloom import kernels
     from tokenloom.config import GenerationConfig
     from tokenloom.engine.slots import SlotCache
 
@@ -243,7 +244,8 @@ def run_tokenloom(spec: dict) -> dict:
     out["nudged"] = nudged_agreement(model.network, spec["agree_prompts"], spec["agree_tokens"])
     progress("tokenloom", "greedy tokens with inputs nudged by one ulp")
     return {**out, "baseline_rss": baseline, "import_rss": imported, "peak_rss": rss.peak, "kv_bytes_per_token": per_token,
-            "kv_allocated_bytes": kv[0], "info": f"quantization={model.quantization or 'none'}"}
+            "kv_allocated_bytes": kv[0], "info": f"quantization={model.quantization or 'none'}"
+            + (f", kernels {kernels.cpu_isa()}" if kernels.library() else "")}
 
 
 def run_transformers(spec: dict) -> dict:

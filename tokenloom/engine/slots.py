@@ -6,15 +6,17 @@ without moving anyone else. The models see this cache through views with the `KV
 protocol (begin / update / commit / cross_k / cross_v / memory_mask): `row_view` for one row's
 prefill chunk, `step_view` for one token of rows ``[0, n)``.
 
-Batch invariance: a sequence's numbers must not depend on its neighbours. MKL's matrix products
-give a row the same result in any batch whose row count is a multiple of 4 (below 4 rows, and
-in a trailing block of 1-3 rows, it takes other kernels: measured with torch 2.13, 2 threads), and
-one-token attention over a width that is a multiple of the block gives the same sums whatever
-the width, because the extra columns are masked (on CPU any multiple of 8 columns did, for widths
-up to 2,000, one and four rows: 16 leaves room for 16-lane vectors; other devices keep 128). So a
-step covers a multiple of MIN_ROWS rows (free rows run as padding) and a block-rounded width. A
-model whose products are all row-independent at any row count (the packed kernels,
-models/quant.py) says so with `row_multiple = 1`, and its steps cover just the live rows.
+Batch invariance: a sequence's numbers must not depend on its neighbours. On CPU in float32 a
+step's products run in our kernels, whose rows' numbers do not depend on the row count
+(models/base.py `linear`, and the packed ones of models/quant.py), and one-token attention is one
+small matmul per row; attention over a width that is a multiple of the block gives the same sums
+whatever the width, because the extra columns are masked (on CPU any multiple of 8 columns did,
+for widths up to 2,000, one and four rows: 16 leaves room for 16-lane vectors; other devices
+keep 128). So a step covers just its live rows and a block-rounded width. Where products run in
+a BLAS (other devices and dtypes, or no kernels built), a row's numbers are the same only in
+batches of a multiple of some row count (MKL with AVX2: 4 rows; with AVX-512 it depends on the
+shape), so such a step covers a multiple of MIN_ROWS rows (free rows run as padding): the best
+that can be done there, not a promise. A model may say otherwise with `row_multiple`.
 
 Memory: rows and width grow separately, each only when needed (rows double, width by a quarter),
 and an idle engine releases everything.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from tokenloom.heap import trim_heap
+from tokenloom.models.base import rows_independent
 
 BLOCK = 128  # attention widths (self and cross) are rounded up to this ...
 CPU_BLOCK = 16  # ... or this on CPU: the KV cache is not allocated past what a workload needs
@@ -40,7 +43,7 @@ class SlotCache:
     def __init__(self, model, dtype: torch.dtype, device):
         self.dtype, self.device = dtype, torch.device(device)
         self.encoder_decoder = getattr(model, "is_encoder_decoder", False)
-        self.min_rows = getattr(model, "row_multiple", MIN_ROWS)
+        self.min_rows = getattr(model, "row_multiple", 1 if rows_independent(dtype, device) else MIN_ROWS)
         self.block = CPU_BLOCK if self.device.type == "cpu" else BLOCK
         probe = model.make_cache(1, 1, dtype, device)
         self.kshapes = [(k.shape[1], k.shape[3]) for k in probe.k]

@@ -2,8 +2,10 @@
 
 The C++ source is compiled on first use with the system's compiler (`c++`, or $CXX) into the
 user cache, keyed by a hash of the source and flags, and called through ctypes: no PyTorch
-headers, so a build takes ~2 s. Where there is no compiler, no AVX2, or TOKENLOOM_KERNELS=0,
-`library()` is None and the quantized layers use PyTorch's own kernels instead (models/quant.py).
+headers, so a build takes ~2 s. Where the CPU has AVX-512 VNNI the build adds it (the products
+then take two rows per instruction; the same numbers, bit for bit); TOKENLOOM_KERNELS=avx2
+keeps the AVX2 build. Where there is no compiler, no AVX2, or TOKENLOOM_KERNELS=0, `library()`
+is None and the quantized layers use PyTorch's own kernels instead (models/quant.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 5
+# AVX-512 VNNI (Intel since Cascade Lake, AMD since Zen 4); 256-bit auto-vectorization elsewhere,
+# as in the AVX2 build
+VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256"]
+VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+ABI = 6
 QK = 32  # weights per block, as in the C++ source
 
 
@@ -39,14 +45,25 @@ def _usable_cpu() -> bool:
             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile the kernels (if not cached yet) and return the shared library's path."""
+def cpu_isa() -> str:
+    """'avx512vnni' where the CPU has it (and TOKENLOOM_KERNELS is not 'avx2'), else 'avx2'."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "avx512vnni" if VNNI_CPU_FLAGS <= set(flags) and os.environ.get("TOKENLOOM_KERNELS") != "avx2" else "avx2"
+
+
+def build(compiler: str | None = None, isa: str = "avx2") -> Path:
+    """Compile the kernels for `isa` ('avx2' or 'avx512vnni') if not cached yet and return the
+    shared library's path."""
     cxx = compiler or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX)")
+    flags = FLAGS + (VNNI_FLAGS if isa == "avx512vnni" else [])
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cxx, *FLAGS]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"cpu_quant-{key}.so"
+    key = hashlib.sha256(source + " ".join([cxx, *flags]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"cpu_quant-{isa}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +71,7 @@ def build(compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        run = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        run = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"building {SOURCE.name} failed:\n{run.stderr[-2000:]}")
         os.replace(tmp, out)
@@ -70,18 +87,25 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("TOKENLOOM_KERNELS", "1") == "0" or not _usable_cpu():
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
+        return load(build(isa=cpu_isa()))
     except (OSError, RuntimeError) as e:
         log.warning("tokenloom's CPU kernels are unavailable, using PyTorch's: %s", e)
         return None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built library, its functions given their argument types."""
+    lib = ctypes.CDLL(str(path))
     if lib.tl_abi_version() != ABI:
-        return None
+        raise RuntimeError(f"{path} has ABI {lib.tl_abi_version()}, not {ABI}")
     p, i = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.tl_q4_gemm, lib.tl_q8_gemm):
         fn.argtypes = [p, i, i, p, p, i, p, ctypes.c_int]
         fn.restype = None
     lib.tl_q8_argmax.argtypes = [p, i, i, p, p, i, p, p, ctypes.c_int]
     lib.tl_q8_argmax.restype = None
+    lib.tl_f32_gemm.argtypes = [p, i, i, p, p, i, p, ctypes.c_int]
+    lib.tl_f32_gemm.restype = None
     lib.tl_rope_attention.argtypes = [p, i, i, i, i, p, p, p, p, i, p, p, i, p, i, ctypes.c_float, p, ctypes.c_int]
     lib.tl_rope_attention.restype = None
     f = ctypes.c_float
@@ -109,6 +133,19 @@ def q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.T
     """(M, K) float32 times Q8_0 weights (N, K) in the kernel's layout (models/quant.py q8_repack):
     codes (N / 8, K / 32, 256) int8, scales (N / 8, K / 32, 8) float16 -> (M, N) float32."""
     return _gemm(library().tl_q8_gemm, x, codes, scales, codes.shape[0] * 8)
+
+
+def f32_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, K) float32 times w (N, K) float32 (+ bias (N,)) -> (M, N), as F.linear, but each row's
+    numbers are the same at any row count M (MKL's are not)."""
+    x, w = x.contiguous(), w.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n)
+    library().tl_f32_gemm(x.data_ptr(), m, k, w.data_ptr(), None if bias is None else bias.data_ptr(), n,
+                          y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def q8_argmax(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 // tokenloom's CPU kernels for x86 with AVX2:
 // - tl_q4_gemm / tl_q8_gemm: products with quantized weights (below);
 // - tl_q8_argmax: the argmax of each row's products (a greedy step's head);
+// - tl_f32_gemm: float32 products whose rows do not depend on the row count;
 // - tl_rope_attention: rotary, the KV-cache write and attention for a step's tokens;
 // - tl_llama_block: a whole Llama-style block (norms, products, attention, SwiGLU) in one call;
 // - tl_llama_layers: every block of a step in one call.
@@ -23,6 +24,16 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+// Built with AVX-512 VNNI (kernels/__init__.py adds the flags where the CPU has it), a block's
+// dot products take one instruction per 4 multiply-adds per lane, and from PAIRED_ROWS rows on
+// the products take rows two at a time (pairs_group below); their numbers are the AVX2 build's,
+// bit for bit.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define TL_VNNI 1
+#else
+#define TL_VNNI 0
+#endif
 
 namespace {
 
@@ -54,8 +65,26 @@ inline __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(n)));
 }
 
+// How a product's activation codes are laid out (Rows): one row after another in each block, or
+// (VNNI, from PAIRED_ROWS rows) two rows' codes alternating 4 by 4 through 64 bytes, the extra
+// row of an odd count all zeros; OFFSET: as unsigned bytes, code + 128 (pairs_group's Q8_0).
+enum Layout { PLAIN, PAIRED, OFFSET };
+
+inline void store_codes(int8_t* dst, __m256i codes, Layout layout, int half) {
+#if TL_VNNI
+    if (layout != PLAIN) {
+        const __m512i spread = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        if (layout == OFFSET) codes = _mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80));
+        _mm512_mask_storeu_epi32(dst, half ? 0xAAAA : 0x5555, _mm512_permutexvar_epi32(spread, _mm512_castsi256_si512(codes)));
+        return;
+    }
+#endif
+    (void)layout, (void)half;
+    _mm256_storeu_si256((__m256i*)dst, codes);
+}
+
 // One row of K floats -> K int8 codes, a scale and the scaled sum of the codes per block.
-void quantize_row(const float* x, int64_t K, int8_t* q, int64_t qstride, float* d, float* s) {
+void quantize_row(const float* x, int64_t K, int8_t* q, int64_t qstride, float* d, float* s, Layout layout, int half) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < K / QK; b++) {
         const float* v = x + b * QK;
@@ -81,7 +110,7 @@ void quantize_row(const float* x, int64_t K, int8_t* q, int64_t qstride, float* 
         // pack int32 -> int16 -> int8; packs works per 128-bit lane, the permute restores order
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i*)(q + b * qstride), p);
+        store_codes(q + b * qstride, p, layout, half);
         // kept at fp16 precision, as GGUF's Q8_0 / Q8_1 blocks store them (and llama.cpp uses them)
         d[b] = _cvtsh_ss(_cvtss_sh(scale, 0));
         s[b] = _cvtsh_ss(_cvtss_sh(scale * (float)_mm_cvtsi128_si32(s4), 0));
@@ -93,28 +122,33 @@ void quantize_row(const float* x, int64_t K, int8_t* q, int64_t qstride, float* 
     }
 }
 
-// Activations quantized per block, block-major: codes (K / 32, M, 32), scales and sums (K / 32, M).
-// A product's row loop then reads a block's codes for consecutive rows from one run of memory
-// (row-major, they were K bytes apart: 30 layers' products at 32 / 512 rows took 47 / 630 ms,
-// block-major 37 / 516, A/B in one session).
+// Activations quantized per block, block-major: codes (K / 32, S, 32), scales and sums (K / 32, S),
+// S = M rows, or M rounded up to a pair (PAIRED, OFFSET; the extra row's scales 0). A product's
+// row loop then reads a block's codes for consecutive rows from one run of memory (row-major,
+// they were K bytes apart: 30 layers' products at 32 / 512 rows took 47 / 630 ms, block-major
+// 37 / 516, A/B in one session).
 struct Rows {
-    int64_t M;
+    int64_t M, S;
+    Layout layout;
     int8_t* q;
     float* d;
     float* s;
-    Rows(const float* x, int64_t M_, int64_t K, int threads) : M(M_) {
+    Rows(const float* x, int64_t M_, int64_t K, int threads, Layout layout_)
+        : M(M_), S(layout_ == PLAIN ? M_ : (M_ + 1) / 2 * 2), layout(layout_) {
         const int64_t nb = K / QK;
-        q = (int8_t*)aligned_alloc(64, ((M * K + 63) / 64) * 64);
-        d = (float*)malloc(sizeof(float) * M * nb + 64);
-        s = (float*)malloc(sizeof(float) * M * nb + 64);
+        q = (int8_t*)aligned_alloc(64, ((S * K + 63) / 64) * 64);
+        d = (float*)calloc(S * nb + 16, sizeof(float));
+        s = (float*)calloc(S * nb + 16, sizeof(float));
+        if (S != M) memset(q, 0, S * K);
         // block-major scales: a block's scales for consecutive rows lie together
 #pragma omp parallel num_threads(M > 1 ? threads : 1)
         {
             float* dr = (float*)malloc(sizeof(float) * nb * 2);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < M; r++) {
-                quantize_row(x + r * K, K, q + r * QK, M * QK, dr, dr + nb);
-                for (int64_t b = 0; b < nb; b++) { d[b * M + r] = dr[b]; s[b * M + r] = dr[nb + b]; }
+                const int64_t at = layout == PLAIN ? r : r / 2 * 2;  // a pair's codes start at its first row
+                quantize_row(x + r * K, K, q + at * QK, S * QK, dr, dr + nb, layout, (int)(r % 2));
+                for (int64_t b = 0; b < nb; b++) { d[b * S + r] = dr[b]; s[b * S + r] = dr[nb + b]; }
             }
             free(dr);
         }
@@ -177,7 +211,7 @@ struct Argmax {
 // Byte 4r + t of chunk i (32 bytes) holds channel r's code for input 8i + t in its low nibble
 // and for input 8i + 4 + t in its high one.
 //
-// Per row of activations, 4 of its int8 codes are broadcast against such a register: maddubs
+// Per row of activations, 4 of its int8 codes are broadcast against such a register (AVX2): maddubs
 // gives, per channel, two sums of two products; 8 of those (the block's 32 inputs) add up in
 // int16 (at most 8 * 2 * 15 * 127 = 30480: no overflow), one madd gives the 8 channels' block
 // dot products in int32, and one fused multiply-add scales them. ~20 instructions per 256
@@ -192,11 +226,148 @@ constexpr int ROW_TILE = 64;  // rows of activations per pass over a group's wei
 // alone left 30 layers at 1 / 8 / 32 rows at 6.5 / 12.6 / 39.6 ms, against 5.5 / 10.9 / 33.5
 constexpr int PREFETCH = 32;
 
+// Q8_0 weights, repacked the same way (models/quant.py, q8_repack): for group g and block b,
+// 256 bytes of signed codes, chunk c (32 bytes) holding at byte 4r + t channel r's code for
+// input 4c + t, then the 8 channels' fp16 scales. maddubs needs one unsigned side, so the
+// weights' magnitudes meet the activations carrying the weights' signs; a pair of such
+// products can reach 2 * 128 * 127, so each chunk's pair sums widen to int32 (madd) before
+// they add up. ~35 instructions per 256 multiply-adds, against ~64 one channel at a time.
+constexpr int Q8_GROUP_BYTES = 256;
+
+#if TL_VNNI
+// From PAIRED_ROWS rows, with AVX-512 VNNI: vpdpbusd adds, per 32-bit lane, 4 products of
+// unsigned with signed bytes to an int32, one instruction for a 512-bit register's 64
+// multiply-adds. Rows come two at a time (the PAIRED / OFFSET layouts): a weight register holds
+// each of the group's 8 channels' 4 weights twice (lanes 2r and 2r + 1) and meets one 64-bit
+// broadcast holding 4 codes of each row, so lane 2r + h adds up channel r for row h of the pair
+// and every multiply-add is useful. Q4_1's codes (0..15) are the unsigned side; Q8_0's are
+// signed, so there the activations come offset by 128 and a block's sums start from -128 x the
+// sum of each channel's weights. Either way the sums are exact, the AVX2 build's integers, and
+// from there each lane does what q4_plain / q8_plain do for its (row, channel), in the same
+// order: the same floats. 12 vector instructions for 2 rows x 256 multiply-adds, where q4_plain
+// takes ~20 for 1 (AVX2) or ~13 (VNNI): 30 layers at 512 rows 1.2x, the Q8_0 head at 32 rows
+// 1.7x faster than AVX2 (benchmarks/bench_kernels.py).
+inline __m512i dup_lanes(__m256i v) {
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), _mm512_castsi256_si512(v));
+}
+
+inline __m512 dup_lanes(__m256 v) { return _mm512_castsi512_ps(dup_lanes(_mm256_castps_si256(v))); }
+
+inline __m512i pair_codes(const int8_t* x) {  // 4 codes of each row of a pair, in every 64-bit lane
+    int64_t v;
+    memcpy(&v, x, 8);
+    return _mm512_set1_epi64(v);
+}
+
+inline __m512 pair_floats(const float* x) {  // (x[0], x[1]) in every 64-bit lane
+    double v;
+    memcpy(&v, x, 8);
+    return _mm512_castpd_ps(_mm512_set1_pd(v));
+}
+
+template <bool Q4, class Out>
+void pairs_group(const Rows& a, int64_t K, const uint8_t* qs, const uint16_t* sc, int64_t g, Out& out) {
+    const int64_t nb = K / QK, S = a.S, P = S / 2;
+    alignas(64) float acc[ROW_TILE * 8];
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int64_t p0 = 0; p0 < P; p0 += ROW_TILE / 2) {
+        const int64_t p1 = p0 + ROW_TILE / 2 < P ? p0 + ROW_TILE / 2 : P;
+        for (int64_t i = 0; i < (p1 - p0) * 16; i++) acc[i] = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            __m512i w[8], start = _mm512_setzero_si512();
+            __m512 wd, wm = _mm512_setzero_ps();
+            if constexpr (Q4) {
+                const uint8_t* q = qs + (g * nb + b) * Q4_GROUP_BYTES;
+                const uint16_t* s = sc + (g * nb + b) * 16;
+                _mm_prefetch((const char*)(q + PREFETCH * Q4_GROUP_BYTES), _MM_HINT_T0);
+                _mm_prefetch((const char*)(q + PREFETCH * Q4_GROUP_BYTES + 64), _MM_HINT_T0);
+                _mm_prefetch((const char*)(s + PREFETCH * 16), _MM_HINT_T0);
+                for (int i = 0; i < 4; i++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)(q + 32 * i));
+                    w[2 * i] = dup_lanes(_mm256_and_si256(v, low));
+                    w[2 * i + 1] = dup_lanes(_mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+                }
+                wd = dup_lanes(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)s)));
+                wm = dup_lanes(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + 8))));
+            } else {
+                const uint8_t* q = qs + (g * nb + b) * Q8_GROUP_BYTES;
+                for (int l = 0; l < 4; l++) _mm_prefetch((const char*)(q + PREFETCH * Q8_GROUP_BYTES / 2 + 64 * l), _MM_HINT_T0);
+                for (int c = 0; c < 8; c++) w[c] = dup_lanes(_mm256_loadu_si256((const __m256i*)(q + 32 * c)));
+                wd = dup_lanes(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + (g * nb + b) * 8))));
+                for (int c = 0; c < 8; c++) start = _mm512_dpbusd_epi32(start, _mm512_set1_epi8((char)0x80), w[c]);
+                start = _mm512_sub_epi32(_mm512_setzero_si512(), start);
+            }
+            // the unsigned side first; two chains of 4, so that consecutive pairs' chains overlap
+            auto dp = [&](__m512i sum, int c, const int8_t* x) {
+                return Q4 ? _mm512_dpbusd_epi32(sum, w[c], pair_codes(x)) : _mm512_dpbusd_epi32(sum, pair_codes(x), w[c]);
+            };
+            for (int64_t p = p0; p < p1; p++) {
+                const int8_t* x = a.q + (b * S + 2 * p) * QK;
+                __m512i s0 = dp(start, 0, x), s1 = dp(_mm512_setzero_si512(), 1, x + 8);
+                for (int c = 2; c < 8; c += 2) {
+                    s0 = dp(s0, c, x + 8 * c);
+                    s1 = dp(s1, c + 1, x + 8 * c + 8);
+                }
+                const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                float* o = acc + (p - p0) * 16;
+                __m512 t = _mm512_fmadd_ps(dot, _mm512_mul_ps(wd, pair_floats(a.d + b * S + 2 * p)), _mm512_load_ps(o));
+                if constexpr (Q4) t = _mm512_fmadd_ps(wm, pair_floats(a.s + b * S + 2 * p), t);
+                _mm512_store_ps(o, t);
+            }
+        }
+        const __m512i rows = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        for (int64_t p = p0; p < p1; p++) {
+            const __m512 v = _mm512_permutexvar_ps(rows, _mm512_load_ps(acc + (p - p0) * 16));
+            out(2 * p, g, _mm512_castps512_ps256(v));
+            if (2 * p + 1 < a.M) out(2 * p + 1, g, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+        }
+    }
+}
+#endif  // TL_VNNI
+
+inline __m256i bcast4(const int8_t* x) {  // 4 codes in every 32-bit lane
+    int32_t v;
+    memcpy(&v, x, 4);
+    return _mm256_set1_epi32(v);
+}
+
+// A block's 8 dot products with one row (the PLAIN layout): Q4_1 codes w[8] (unsigned) ...
+inline __m256i q4_dots(const __m256i* w, const int8_t* x) {
+#if TL_VNNI
+    // 4 chains of 2: at one row a chain of 8 (5 cycles each) made the layers 1.3x slower than AVX2
+    __m256i sum[4];
+    for (int c = 0; c < 4; c++) sum[c] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[c], bcast4(x + 4 * c));
+    for (int c = 4; c < 8; c++) sum[c - 4] = _mm256_dpbusd_epi32(sum[c - 4], w[c], bcast4(x + 4 * c));
+    return _mm256_add_epi32(_mm256_add_epi32(sum[0], sum[1]), _mm256_add_epi32(sum[2], sum[3]));
+#else
+    __m256i p = _mm256_maddubs_epi16(w[0], bcast4(x));
+    for (int c = 1; c < 8; c++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[c], bcast4(x + 4 * c)));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+}
+
+// ... or Q8_0 codes w[8] and their magnitudes mag[8] (the unsigned side, the activations taking
+// the weights' signs)
+inline __m256i q8_dots(const __m256i* w, const __m256i* mag, const int8_t* x) {
+#if TL_VNNI
+    __m256i sum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int c = 0; c < 8; c++) sum[c % 4] = _mm256_dpbusd_epi32(sum[c % 4], mag[c], _mm256_sign_epi8(bcast4(x + 4 * c), w[c]));
+    return _mm256_add_epi32(_mm256_add_epi32(sum[0], sum[1]), _mm256_add_epi32(sum[2], sum[3]));
+#else
+    __m256i sum = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c++) {
+        const __m256i xs = _mm256_sign_epi8(bcast4(x + 4 * c), w[c]);
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(mag[c], xs), _mm256_set1_epi16(1)));
+    }
+    return sum;
+#endif
+}
+
 template <class Out>
-void q4_group(const Rows& a, int64_t K, const uint8_t* qs, const uint16_t* dm, int64_t g, Out& out) {
+void q4_plain(const Rows& a, int64_t K, const uint8_t* qs, const uint16_t* dm, int64_t g, Out& out) {
     const int64_t nb = K / QK, M = a.M;
     alignas(32) float acc[ROW_TILE * 8];
-    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi8(0x0F);
     for (int64_t j0 = 0; j0 < M; j0 += ROW_TILE) {
         const int64_t j1 = j0 + ROW_TILE < M ? j0 + ROW_TILE : M;
         for (int64_t i = 0; i < (j1 - j0) * 8; i++) acc[i] = 0.0f;
@@ -215,11 +386,7 @@ void q4_group(const Rows& a, int64_t K, const uint8_t* qs, const uint16_t* dm, i
             const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)s));
             const __m256 wm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + 8)));
             for (int64_t j = j0; j < j1; j++) {
-                const int8_t* x = a.q + (b * M + j) * QK;
-                __m256i p = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(*(const int32_t*)x));
-                for (int c = 1; c < 8; c++)
-                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(*(const int32_t*)(x + 4 * c))));
-                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                const __m256 dot = _mm256_cvtepi32_ps(q4_dots(w, a.q + (b * M + j) * QK));
                 float* o = acc + (j - j0) * 8;
                 const __m256 t = _mm256_fmadd_ps(dot, _mm256_mul_ps(wd, _mm256_set1_ps(a.d[b * M + j])), _mm256_load_ps(o));
                 _mm256_store_ps(o, _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s[b * M + j]), t));
@@ -229,25 +396,16 @@ void q4_group(const Rows& a, int64_t K, const uint8_t* qs, const uint16_t* dm, i
     }
 }
 
-// Q8_0 weights, repacked the same way (models/quant.py, q8_repack): for group g and block b,
-// 256 bytes of signed codes, chunk c (32 bytes) holding at byte 4r + t channel r's code for
-// input 4c + t, then the 8 channels' fp16 scales. maddubs needs one unsigned side, so the
-// weights' magnitudes meet the activations carrying the weights' signs; a pair of such
-// products can reach 2 * 128 * 127, so each chunk's pair sums widen to int32 (madd) before
-// they add up. ~35 instructions per 256 multiply-adds, against ~64 one channel at a time.
-constexpr int Q8_GROUP_BYTES = 256;
-
 template <class Out>
-void q8_group(const Rows& a, int64_t K, const int8_t* qs, const uint16_t* dq, int64_t g, Out& out) {
+void q8_plain(const Rows& a, int64_t K, const int8_t* qs, const uint16_t* dq, int64_t g, Out& out) {
     const int64_t nb = K / QK, M = a.M;
     alignas(32) float acc[ROW_TILE * 8];
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t j0 = 0; j0 < M; j0 += ROW_TILE) {
         const int64_t j1 = j0 + ROW_TILE < M ? j0 + ROW_TILE : M;
         for (int64_t i = 0; i < (j1 - j0) * 8; i++) acc[i] = 0.0f;
         for (int64_t b = 0; b < nb; b++) {
             const int8_t* q = qs + (g * nb + b) * Q8_GROUP_BYTES;
-            // 4 KB ahead, as q4_group: the head at one row 1.58 -> 1.15 ms (A/B, median of 12)
+            // 4 KB ahead, as q4_plain: the head at one row 1.58 -> 1.15 ms (A/B, median of 12)
             for (int l = 0; l < 4; l++) _mm_prefetch((const char*)(q + PREFETCH * Q8_GROUP_BYTES / 2 + 64 * l), _MM_HINT_T0);
             __m256i w[8], mag[8];
             for (int c = 0; c < 8; c++) {
@@ -256,19 +414,38 @@ void q8_group(const Rows& a, int64_t K, const int8_t* qs, const uint16_t* dq, in
             }
             const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dq + (g * nb + b) * 8)));
             for (int64_t j = j0; j < j1; j++) {
-                const int8_t* x = a.q + (b * M + j) * QK;
-                __m256i sum = _mm256_setzero_si256();
-                for (int c = 0; c < 8; c++) {
-                    const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(*(const int32_t*)(x + 4 * c)), w[c]);
-                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(mag[c], xs), ones));
-                }
+                const __m256 dot = _mm256_cvtepi32_ps(q8_dots(w, mag, a.q + (b * M + j) * QK));
                 float* o = acc + (j - j0) * 8;
-                _mm256_store_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(wd, _mm256_set1_ps(a.d[b * M + j])),
-                                                   _mm256_load_ps(o)));
+                _mm256_store_ps(o, _mm256_fmadd_ps(dot, _mm256_mul_ps(wd, _mm256_set1_ps(a.d[b * M + j])), _mm256_load_ps(o)));
             }
         }
         for (int64_t j = j0; j < j1; j++) out(j, g, _mm256_load_ps(acc + (j - j0) * 8));
     }
+}
+
+// With VNNI, from PAIRED_ROWS rows the products take rows two at a time (pairs_group). At one
+// row, half of a pair's lanes would be wasted: 30 layers took 3.4 ms paired, 2.9 plain; at two
+// rows 2.9 paired, 3.1 plain (the Q8_0 head 0.76 / 0.93 ms); A/B, median of 7.
+constexpr int64_t PAIRED_ROWS = 2;
+
+inline Layout layout_for(int64_t M, bool q8) {
+    return TL_VNNI && M >= PAIRED_ROWS ? (q8 ? OFFSET : PAIRED) : PLAIN;
+}
+
+template <class Out>
+void q4_group(const Rows& a, int64_t K, const uint8_t* qs, const uint16_t* dm, int64_t g, Out& out) {
+#if TL_VNNI
+    if (a.layout != PLAIN) return pairs_group<true>(a, K, qs, dm, g, out);
+#endif
+    q4_plain(a, K, qs, dm, g, out);
+}
+
+template <class Out>
+void q8_group(const Rows& a, int64_t K, const int8_t* qs, const uint16_t* dq, int64_t g, Out& out) {
+#if TL_VNNI
+    if (a.layout != PLAIN) return pairs_group<false>(a, K, (const uint8_t*)qs, dq, g, out);
+#endif
+    q8_plain(a, K, qs, dq, g, out);
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {  // n a multiple of 8
@@ -388,15 +565,57 @@ inline void rotate(const float* x, const float* cos, const float* sin, int64_t d
 // (dynamic at one row: 4.9 -> 7.4 ms for 30 layers' products).
 constexpr int64_t DYNAMIC_ROWS = 64;
 
+// Float32 products, (R rows) x (C output channels) at a time: each (row, channel) pair has its
+// own 8-lane accumulator that runs over the input in the same order, then is summed across
+// lanes the same way, whatever R and C are: a row's numbers do not depend on the row count.
+// (MKL's sgemm does not promise that: on AVX-512 it takes a small-row kernel below a row count
+// that depends on the shape, 3 to 57 rows for this project's test models.)
+template <int R, int C>
+inline void f32_tile(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t N) {
+    __m256 acc[R][C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[C];
+        for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_ps(w + c * K + k);
+        for (int r = 0; r < R; r++) {
+            const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = hsum(acc[r][c]);
+            for (int64_t j = k; j < K; j++) s += x[r * K + j] * w[c * K + j];
+            y[r * N + c] = bias ? s + bias[c] : s;
+        }
+}
+
+// 4 rows by F32_COLS channels: 4 x 4 accumulators and 4 weight vectors fit AVX-512's 32 vector
+// registers; AVX2 has 16, so 3 channels there
+constexpr int F32_COLS = TL_VNNI ? 4 : 3;
+
+template <int C>
+inline void f32_columns(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y, int64_t N) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) f32_tile<4, C>(x + m * K, K, w, bias, y + m * N, N);
+    switch (M - m) {
+        case 3: f32_tile<3, C>(x + m * K, K, w, bias, y + m * N, N); break;
+        case 2: f32_tile<2, C>(x + m * K, K, w, bias, y + m * N, N); break;
+        case 1: f32_tile<1, C>(x + m * K, K, w, bias, y + m * N, N); break;
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-int tl_abi_version() { return 5; }
+int tl_abi_version() { return 6; }
 
 // y (M, N) = x (M, K) times Q4_1 weights (N, K) repacked as q4_group reads them; N a multiple of 8
 void tl_q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const uint16_t* dm, int64_t N, float* y, int threads) {
-    const Rows a(x, M, K, threads);
+    const Rows a(x, M, K, threads, layout_for(M, false));
     // groups of 8 output channels split between threads; each runs all rows of its groups. The
     // thread count is passed in: OpenMP's is per calling thread, and PyTorch's may differ
     Store out{y, N};
@@ -411,7 +630,7 @@ void tl_q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const u
 
 // y (M, N) = x (M, K) times Q8_0 weights (N, K) repacked as q8_group reads them; N a multiple of 8
 void tl_q8_gemm(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N, float* y, int threads) {
-    const Rows a(x, M, K, threads);
+    const Rows a(x, M, K, threads, layout_for(M, true));
     Store out{y, N};
     if (M >= DYNAMIC_ROWS) {
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
@@ -428,7 +647,7 @@ void tl_q8_gemm(const float* x, int64_t M, int64_t K, const int8_t* qs, const ui
 // are tl_q8_gemm's to the bit. Each thread keeps its own running argmax over its groups.
 void tl_q8_argmax(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N,
                   int64_t* idx, float* best, int threads) {
-    const Rows a(x, M, K, threads);
+    const Rows a(x, M, K, threads, layout_for(M, true));
     uint8_t* has_nan = (uint8_t*)calloc(M, 1);
     for (int64_t j = 0; j < M; j++) {
         best[j] = -INFINITY;
@@ -447,6 +666,21 @@ void tl_q8_argmax(const float* x, int64_t M, int64_t K, const int8_t* qs, const 
     free(has_nan);
 }
 
+
+// y (M, N) = x (M, K) times float32 weights w (N, K) (+ bias (N) if not null), nn.Linear's
+// layout; rows' numbers independent of M (f32_tile). Channels are split between threads in
+// contiguous ranges; each thread runs all rows on a few channels at a time, so those channels'
+// weights are read from memory once per call.
+void tl_f32_gemm(const float* x, int64_t M, int64_t K, const float* w, const float* bias, int64_t N, float* y,
+                 int threads) {
+    constexpr int C = F32_COLS;
+    const int64_t tiles = N / C;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tiles; t++)
+        f32_columns<C>(x, M, K, w + t * C * K, bias ? bias + t * C : nullptr, y + t * C, N);
+    for (int64_t n = tiles * C; n < N; n++)
+        f32_columns<1>(x, M, K, w + n * K, bias ? bias + n : nullptr, y + n, N);
+}
 
 // Rotary self-attention for B tokens, each at its own cache row and column: a decode step (B
 // rows, one token each: rows[b] = b) or a prompt chunk (one row, B tokens in a row). qkv

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask, fuse, embedding
+from tokenloom.models.base import Linear, OutputHead, args_from_config, attend, attention_mask, fuse, embedding
 from tokenloom.models.cache import KVCache
 
 ACTIVATIONS = {
@@ -118,8 +118,8 @@ class SelfAttention(nn.Module):
     def __init__(self, d: int, n_heads: int, layer: int = 0):
         super().__init__()
         self.layer, self.n_heads, self.hd = layer, n_heads, d // n_heads
-        self.qkv_proj = nn.Linear(d, 3 * d)
-        self.out_proj = nn.Linear(d, d)
+        self.qkv_proj = Linear(d, 3 * d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, x, mask, cache: KVCache | None = None):
         b, t, _ = x.shape
@@ -133,9 +133,9 @@ class CrossAttention(nn.Module):
     def __init__(self, d: int, n_heads: int):
         super().__init__()
         self.n_heads, self.hd = n_heads, d // n_heads
-        self.q_proj = nn.Linear(d, d)
-        self.kv_proj = nn.Linear(d, 2 * d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.kv_proj = Linear(d, 2 * d)
+        self.out_proj = Linear(d, d)
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory (B, S, D) -> k, v (B, H, S, hd), computed once per source."""
@@ -152,7 +152,7 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, d: int, ffn: int, act: str):
         super().__init__()
-        self.fc1, self.fc2, self.act = nn.Linear(d, ffn), nn.Linear(ffn, d), ACTIVATIONS[act]
+        self.fc1, self.fc2, self.act = Linear(d, ffn), Linear(ffn, d), ACTIVATIONS[act]
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))

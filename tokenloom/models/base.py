@@ -201,12 +201,45 @@ def fuse(weights: dict, names: list[str], into: str) -> None:
         weights[into] = torch.cat([weights.pop(n) for n in names], dim=0)
 
 
-class OutputHead(nn.Linear):
+DENSE_MIN = 64  # more than one position per row and this many in all: a prefill (see is_prefill)
+
+
+def is_prefill(x: torch.Tensor) -> bool:
+    """Many positions per row: decided by the sequence axis, so a decode step (one position per
+    row) takes the same kernel at every batch size."""
+    return x.dim() > 2 and x.shape[-2] > 1 and x.numel() // x.shape[-1] >= DENSE_MIN
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, but on CPU in float32 anything short of a prefill runs in kernels.f32_mm, whose
+    rows' numbers do not depend on the row count: a request decodes to the same bits alone or
+    among others (engine/slots.py). MKL's sgemm changes kernels with the row count at a threshold
+    that depends on the shape (3 to 57 rows measured on AVX-512); ours is also 1.5x faster at 4 to
+    8 rows and 15% slower at 32 (benchmarks/bench_kernels.py)."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not is_prefill(x)
+            and not torch.is_grad_enabled() and kernels.library() is not None):
+        return kernels.f32_mm(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w, b)
+
+
+def rows_independent(dtype: torch.dtype, device) -> bool:
+    """Whether every float product of a step gives a row the same numbers at any row count."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and kernels.library() is not None
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class OutputHead(Linear):
     """The vocabulary projection (the largest matmul of a decode step).
 
-    On CPU in float32, MKL's sgemm is slow for this wide shape with a few rows (about 2x the
-    time of oneDNN at batch 8 here), so the weight is also kept in oneDNN's layout and the
-    product runs there. The copy is made on first use and rebuilt if the weight changes.
+    A prefill's last positions on CPU in float32 run in oneDNN: MKL's sgemm is slow for this wide
+    shape (about 2x oneDNN's time at 8 rows here), so the weight is also kept in oneDNN's layout,
+    made on first use and rebuilt if the weight changes. Decode steps take `linear`.
     """
 
     _packed: torch.Tensor | None = None
@@ -214,7 +247,7 @@ class OutputHead(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if not (w.device.type == "cpu" and w.dtype == torch.float32 and x.dtype == torch.float32
+        if not (is_prefill(x) and w.device.type == "cpu" and w.dtype == torch.float32 and x.dtype == torch.float32
                 and torch.backends.mkldnn.is_available() and not torch.is_grad_enabled()):
             return super().forward(x)
         key = (w.data_ptr(), w._version)
@@ -237,7 +270,7 @@ def fused_halves(proj: nn.Module, x: torch.Tensor, n: int) -> tuple[torch.Tensor
         out = proj(x)
         return out[..., :n], out[..., n:]
     w, b = proj.weight, proj.bias
-    return F.linear(x, w[:n], None if b is None else b[:n]), F.linear(x, w[n:], None if b is None else b[n:])
+    return linear(x, w[:n], None if b is None else b[:n]), linear(x, w[n:], None if b is None else b[n:])
 
 
 def embedding(num: int, dim: int) -> nn.Embedding:

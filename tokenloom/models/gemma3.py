@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, fused_halves, rope_parameters, embedding
+from tokenloom.models.base import Linear, OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask, fuse, fused_halves, rope_parameters, embedding
 from tokenloom.models.cache import KVCache
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -62,8 +62,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=args.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, args.hidden_size, bias=args.attention_bias)
+        self.qkv_proj = Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=args.attention_bias)
+        self.o_proj = Linear(self.n_heads * self.hd, args.hidden_size, bias=args.attention_bias)
         self.q_norm = RMSNorm(self.hd, args.rms_norm_eps, offset=1.0)
         self.k_norm = RMSNorm(self.hd, args.rms_norm_eps, offset=1.0)
         self.scale = args.query_pre_attn_scalar ** -0.5
@@ -80,8 +80,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
         self.intermediate = args.intermediate_size
 
     def forward(self, x):

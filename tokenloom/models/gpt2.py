@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask, embedding
+from tokenloom.models.base import Linear, OutputHead, args_from_config, attend, attention_mask, embedding
 from tokenloom.models.cache import KVCache
 
 
@@ -43,8 +43,8 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.hd = layer, args.n_head, args.n_embd // args.n_head
-        self.c_attn = nn.Linear(args.n_embd, 3 * args.n_embd)
-        self.c_proj = nn.Linear(args.n_embd, args.n_embd)
+        self.c_attn = Linear(args.n_embd, 3 * args.n_embd)
+        self.c_proj = Linear(args.n_embd, args.n_embd)
         scale = self.hd ** -0.5 if args.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if args.scale_attn_by_inverse_layer_idx else scale
 
@@ -61,8 +61,8 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
         self.attn = Attention(args, layer)
         self.ln_2 = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
-        self.c_fc = nn.Linear(args.n_embd, args.n_inner)
-        self.c_proj = nn.Linear(args.n_inner, args.n_embd)
+        self.c_fc = Linear(args.n_embd, args.n_inner)
+        self.c_proj = Linear(args.n_inner, args.n_embd)
         self.approximate = "none" if args.activation_function == "gelu" else "tanh"
 
     def forward(self, x, mask, cache):

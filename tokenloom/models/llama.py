@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom import kernels
-from tokenloom.models.base import (OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask,
+from tokenloom.models.base import (Linear, OutputHead, RMSNorm, Rotary, apply_rotary, args_from_config, attend, attention_mask,
                                    embedding, fuse, fused_decode_ok, fused_halves, rope_parameters)
 from tokenloom.models.cache import KVCache
 from tokenloom.models.quant import Q4Linear
@@ -58,8 +58,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=args.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, args.hidden_size, bias=args.o_proj_bias)
+        self.qkv_proj = Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=args.attention_bias)
+        self.o_proj = Linear(self.n_heads * self.hd, args.hidden_size, bias=args.o_proj_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache):
         b, t, _ = x.shape
@@ -81,8 +81,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
         self.intermediate = args.intermediate_size
 
     def forward(self, x):

@@ -32,17 +32,11 @@ from torch import nn
 
 from tokenloom import kernels
 from tokenloom.heap import trim_heap
+from tokenloom.models.base import is_prefill
 
 GROUP = 32  # int4 group size along the input: that of Q4_0 / Q4_1 / the Q4_K sub-blocks
 MODES = ("int4", "int8", "w8a8")
-DENSE_MIN = 64  # PyTorch's layers: a prefill of this many tokens runs on weights expanded to float32
 A_MAX = 63  # w8a8: activations are scaled per row to [-A_MAX, A_MAX] (7 bits, see W8A8Linear)
-
-
-def _is_prefill(x: torch.Tensor) -> bool:
-    """Many positions per row: decided by the sequence axis, so a decode step (one position per
-    row) takes the same kernel at every batch size."""
-    return x.dim() > 2 and x.shape[-2] > 1 and x.numel() // x.shape[-1] >= DENSE_MIN
 
 
 def int4_groups(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,7 +99,7 @@ class _PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if _is_prefill(x):  # float32 GEMM on weights expanded for this product
+        if is_prefill(x):  # float32 GEMM on weights expanded for this product
             out = torch.mm(x2, self.dense_t())
         else:
             out = self.packed_mm(x2)

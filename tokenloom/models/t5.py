@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.errors import ModelLoadError
-from tokenloom.models.base import OutputHead, args_from_config, attend, attention_mask, fuse, fused_halves, embedding
+from tokenloom.models.base import Linear, OutputHead, args_from_config, attend, attention_mask, fuse, fused_halves, embedding
 from tokenloom.models.cache import KVCache
 
 
@@ -142,8 +142,8 @@ class SelfAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.hd = args.num_heads, args.d_kv
-        self.qkv = nn.Linear(args.d_model, 3 * args.num_heads * args.d_kv, bias=False)
-        self.o = nn.Linear(args.num_heads * args.d_kv, args.d_model, bias=False)
+        self.qkv = Linear(args.d_model, 3 * args.num_heads * args.d_kv, bias=False)
+        self.o = Linear(args.num_heads * args.d_kv, args.d_model, bias=False)
 
     def forward(self, x, mask, cache: KVCache | None = None, layer: int = 0):
         b, t, _ = x.shape
@@ -157,9 +157,9 @@ class CrossAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.hd = args.num_heads, args.d_kv
-        self.q = nn.Linear(args.d_model, args.num_heads * args.d_kv, bias=False)
-        self.kv = nn.Linear(args.d_model, 2 * args.num_heads * args.d_kv, bias=False)
-        self.o = nn.Linear(args.num_heads * args.d_kv, args.d_model, bias=False)
+        self.q = Linear(args.d_model, args.num_heads * args.d_kv, bias=False)
+        self.kv = Linear(args.d_model, 2 * args.num_heads * args.d_kv, bias=False)
+        self.o = Linear(args.num_heads * args.d_kv, args.d_model, bias=False)
 
     def project(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory (B, S, D) -> k, v (B, H, S, hd), computed once per source."""
@@ -178,8 +178,8 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gated, self.d_ff, self.act = args.gated, args.d_ff, ACTIVATIONS[args.act]
-        self.wi = nn.Linear(args.d_model, (2 if args.gated else 1) * args.d_ff, bias=False)  # gated: [wi_0; wi_1]
-        self.wo = nn.Linear(args.d_ff, args.d_model, bias=False)
+        self.wi = Linear(args.d_model, (2 if args.gated else 1) * args.d_ff, bias=False)  # gated: [wi_0; wi_1]
+        self.wo = Linear(args.d_ff, args.d_model, bias=False)
 
     def forward(self, x):
         if not self.gated:
