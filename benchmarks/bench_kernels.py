@@ -8,7 +8,8 @@ activations: tokenloom's own Q4_1 and Q8_0 kernels (tokenloom/kernels, int8 acti
 they build; PyTorch's int4 (`_weight_int4pack_mm_for_cpu`, groups of 32) and int8 per channel
 (`_weight_int8pack_mm`), both with bfloat16 activations (the fallback); and float32. The last
 row is a 512-token prefill, where PyTorch's layers expand their weights to float32 for a GEMM
-and ours stay packed. Also the output head (576 x 49152) at 1 and 32 rows. The CPU capability
+and ours stay packed. Float32 twice: MKL's sgemm, and tokenloom's float kernel (models/base.py
+`linear`, whose rows do not depend on the row count; prefills run in MKL). Also the output head (576 x 49152) at 1 and 32 rows. The CPU capability
 decides which kernels PyTorch dispatches to, so the figures differ a lot between AVX2 and
 AVX-512 machines.
 """
@@ -21,6 +22,7 @@ import time
 import torch
 
 from tokenloom import kernels
+from tokenloom.models.base import linear
 from tokenloom.models.quant import Int4Linear, Int8Linear, Q4Linear, Q8Linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in)
@@ -35,6 +37,7 @@ def timed(fn, reps: int) -> float:
     return (time.perf_counter() - start) / reps * 1000
 
 
+@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -50,12 +53,13 @@ def main() -> None:
     own = f", our kernels {kernels.cpu_isa()}" if kernels.library() is not None else ""
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}{own}, {args.threads} threads, "
           f"ms for the products of all {LAYERS} layers")
-    print("| rows M | " + " | ".join(packed) + " | float32 |\n|---|" + "---|" * (len(packed) + 1))
+    print("| rows M | " + " | ".join(packed) + " | float32 (MKL) | float32 (ours) |\n|---|" + "---|" * (len(packed) + 2))
     for m in (1, 4, 8, 32, 512):
         x = {k: torch.randn(m, 1, k) if m < 512 else torch.randn(1, m, k) for _, k in SHAPES}
         row = [timed(lambda: [lin(x[lin.in_features]) for layer in layers for lin in layer], args.reps)
                for layers in packed.values()]
         row.append(timed(lambda: [x[w.shape[1]] @ w.t() for layer in weights for w in layer], args.reps))
+        row.append(timed(lambda: [linear(x[w.shape[1]], w) for layer in weights for w in layer], args.reps))
         print(f"| {m} | " + " | ".join(f"{t:.1f}" for t in row) + " |")
     head = torch.randn(49152, 576) * 0.05
     heads = [cls(head, None) for name, cls in kinds.items() if "8" in name]
@@ -63,7 +67,7 @@ def main() -> None:
         x = torch.randn(m, 1, 576)
         print(f"output head 576x49152, {m} row(s): "
               + ", ".join(f"{type(h).__name__} {timed(lambda: h(x), 10):.2f} ms" for h in heads)
-              + f", float32 {timed(lambda: x @ head.t(), 10):.2f} ms")
+              + f", float32 MKL {timed(lambda: x @ head.t(), 10):.2f} ms, ours {timed(lambda: linear(x, head), 10):.2f} ms")
 
 if __name__ == "__main__":
     main()

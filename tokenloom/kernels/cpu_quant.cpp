@@ -566,27 +566,46 @@ inline void rotate(const float* x, const float* cos, const float* sin, int64_t d
 constexpr int64_t DYNAMIC_ROWS = 64;
 
 // Float32 products, (R rows) x (C output channels) at a time: each (row, channel) pair has its
-// own 8-lane accumulator that runs over the input in the same order, then is summed across
+// own vector accumulator that runs over the input in the same order, then is summed across
 // lanes the same way, whatever R and C are: a row's numbers do not depend on the row count.
 // (MKL's sgemm does not promise that: on AVX-512 it takes a small-row kernel below a row count
-// that depends on the shape, 3 to 57 rows for this project's test models.)
+// that depends on the shape, 3 to 57 rows for this project's test models.) The AVX-512 build
+// takes 16 lanes (the product is compute-bound from a few rows on), the AVX2 build 8.
+#if TL_VNNI
+using fvec = __m512;
+constexpr int FL = 16;
+inline fvec fzero() { return _mm512_setzero_ps(); }
+inline fvec fload(const float* p) { return _mm512_loadu_ps(p); }
+inline fvec ffma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float fsum(fvec v) {
+    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+#else
+using fvec = __m256;
+constexpr int FL = 8;
+inline fvec fzero() { return _mm256_setzero_ps(); }
+inline fvec fload(const float* p) { return _mm256_loadu_ps(p); }
+inline fvec ffma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float fsum(fvec v) { return hsum(v); }
+#endif
+
 template <int R, int C>
 inline void f32_tile(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t N) {
-    __m256 acc[R][C];
+    fvec acc[R][C];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+        for (int c = 0; c < C; c++) acc[r][c] = fzero();
     int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 wv[C];
-        for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_ps(w + c * K + k);
+    for (; k + FL <= K; k += FL) {
+        fvec wv[C];
+        for (int c = 0; c < C; c++) wv[c] = fload(w + c * K + k);
         for (int r = 0; r < R; r++) {
-            const __m256 xv = _mm256_loadu_ps(x + r * K + k);
-            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+            const fvec xv = fload(x + r * K + k);
+            for (int c = 0; c < C; c++) acc[r][c] = ffma(xv, wv[c], acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
-            float s = hsum(acc[r][c]);
+            float s = fsum(acc[r][c]);
             for (int64_t j = k; j < K; j++) s += x[r * K + j] * w[c * K + j];
             y[r * N + c] = bias ? s + bias[c] : s;
         }

@@ -214,8 +214,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """F.linear, but on CPU in float32 anything short of a prefill runs in kernels.f32_mm, whose
     rows' numbers do not depend on the row count: a request decodes to the same bits alone or
     among others (engine/slots.py). MKL's sgemm changes kernels with the row count at a threshold
-    that depends on the shape (3 to 57 rows measured on AVX-512); ours is also 1.5x faster at 4 to
-    8 rows and 15% slower at 32 (benchmarks/bench_kernels.py)."""
+    that depends on the shape (3 to 57 rows measured on AVX-512). Ours is also faster at decode:
+    SmolLM2-135M's 30 layers and head, ms at 1 / 4 / 8 / 32 rows, MKL against ours: AVX-512
+    12.1 / 21.7 / 33.5 / 76.9 against 9.7 / 12.8 / 20.1 / 68.6; AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2,
+    TOKENLOOM_KERNELS=avx2) 10.5 / 29.0 / 41.2 / 91.3 against 9.6 / 18.3 / 26.9 / 82.2
+    (benchmarks/bench_kernels.py shows the layers)."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not is_prefill(x)
             and not torch.is_grad_enabled() and kernels.library() is not None):
         return kernels.f32_mm(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])
@@ -237,9 +240,10 @@ class Linear(nn.Linear):
 class OutputHead(Linear):
     """The vocabulary projection (the largest matmul of a decode step).
 
-    A prefill's last positions on CPU in float32 run in oneDNN: MKL's sgemm is slow for this wide
-    shape (about 2x oneDNN's time at 8 rows here), so the weight is also kept in oneDNN's layout,
-    made on first use and rebuilt if the weight changes. Decode steps take `linear`.
+    Decode steps (and a prompt's last position) take `linear`. A prefill's full logits on CPU in
+    float32 run in oneDNN: MKL's sgemm is slow for this wide shape, so the weight is also kept in
+    oneDNN's layout, made on first use and rebuilt if the weight changes. (At 1 / 8 / 32 rows,
+    oneDNN 3.3 / 9.2 / 15.7 ms, ours 2.8 / 7.7 / 13.8 ms here.)
     """
 
     _packed: torch.Tensor | None = None
