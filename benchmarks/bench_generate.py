@@ -40,7 +40,7 @@ class Ours:
         from tokenloom.config import GenerationConfig
         from tokenloom.engine.generate import TokenLoop
 
-        self.model = tokenloom.load(model_spec, dtype="float32")
+        self.model = tokenloom.load(model_spec, dtype="float32", quantize="none")
         self.tokenizer = self.model.tokenizer
         self._cfg, self._loop = GenerationConfig, TokenLoop
 
