@@ -13,7 +13,6 @@ import platform
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tokenloom
 from tests.test_engine import PROMPTS, Collector, alone
@@ -21,7 +20,7 @@ from tests.tiny import make_hf_model, save_tiny
 from tokenloom import kernels
 from tokenloom.config import GenerationConfig
 from tokenloom.errors import TokenloomError
-from tokenloom.models.base import DENSE_MIN, Linear, linear
+from tokenloom.models.base import DENSE_MIN
 from tokenloom.models.quant import (GROUP, Int4Linear, Int8Linear, Q4Linear, Q8Linear, W8A8Linear,
                                     int4_block, int4_groups, int8_blocks, q4_unpack, q8_rows, w8a8_supported)
 
@@ -180,34 +179,6 @@ def test_the_vnni_build_gives_the_avx2_builds_numbers_bit_for_bit():
                              best.data_ptr(), 1)
             picks.append((idx, bits(best)))
         assert torch.equal(picks[0][0], picks[1][0]) and torch.equal(picks[0][1], picks[1][1])
-
-
-@OWN
-@torch.no_grad()
-def test_float_products_give_a_row_the_same_bits_at_any_row_count():
-    """MKL's sgemm does not (on AVX-512 its small-row kernel runs up to a shape-dependent row
-    count), so float32 decode products run in ours (models/base.py linear); prefills stay in MKL."""
-    torch.manual_seed(5)
-    builds = [kernels.library()] + ([kernels.load(kernels.build(isa="avx2"))] if kernels.cpu_isa() != "avx2" else [])
-    for n, k in ((200, 96), (13, 37), (384, 1536)):  # 37: a tail of the input past the vectors
-        layer = Linear(k, n)
-        x = torch.randn(41, 1, k)
-        full = layer(x)
-        assert (full - F.linear(x, layer.weight, layer.bias)).abs().max() < 1e-4 * k ** 0.5
-        for m in (1, 2, 3, 4, 5, 8, 17, 40):  # whole tiles of 4 rows, partial ones, and one row
-            assert torch.equal(layer(x[:m]), full[:m])
-            assert torch.equal(layer(x[m:m + 1]), full[m:m + 1])
-        for lib in builds[1:]:  # the AVX2 build (8 lanes, not 16; 3 channels at a time, not 4)
-            def mm(rows):
-                y = torch.empty(len(rows), n)
-                lib.tl_f32_gemm(rows.data_ptr(), len(rows), k, layer.weight.data_ptr(), layer.bias.data_ptr(), n,
-                                y.data_ptr(), 2)
-                return y
-            y = mm(x.view(41, k))
-            assert (y - full.view(41, n)).abs().max() < 1e-4 * k ** 0.5
-            assert all(torch.equal(mm(x.view(41, k)[:m].contiguous()), y[:m]) for m in (1, 3, 5, 17))
-    prompt, w = torch.randn(1, DENSE_MIN, 96), torch.randn(200, 96)
-    assert torch.equal(linear(prompt, w), F.linear(prompt, w))
 
 
 def test_int8_blocks_round_with_the_stored_fp16_scale():
