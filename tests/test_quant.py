@@ -148,6 +148,7 @@ def test_the_heads_argmax_equals_the_products_argmax_without_making_them():
 def test_kernels_use_vnni_where_the_cpu_has_it_unless_told_avx2(monkeypatch):
     flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     has = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags)
+    monkeypatch.delenv("TOKENLOOM_KERNELS", raising=False)
     assert kernels.cpu_isa() == ("avx512vnni" if has else "avx2")
     monkeypatch.setenv("TOKENLOOM_KERNELS", "avx2")
     assert kernels.cpu_isa() == "avx2"
