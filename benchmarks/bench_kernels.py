@@ -9,9 +9,9 @@ they build; PyTorch's int4 (`_weight_int4pack_mm_for_cpu`, groups of 32) and int
 (`_weight_int8pack_mm`), both with bfloat16 activations (the fallback); and float32. The last
 row is a 512-token prefill, where PyTorch's layers expand their weights to float32 for a GEMM
 and ours stay packed. Float32 twice: MKL's sgemm, and tokenloom's float kernel (models/base.py
-`linear`, whose rows do not depend on the row count; prefills run in MKL). Also the output head (576 x 49152) at 1 and 32 rows. The CPU capability
-decides which kernels PyTorch dispatches to, so the figures differ a lot between AVX2 and
-AVX-512 machines.
+`linear`, whose rows do not depend on the row count; prefills run in MKL). Also the output head
+(576 x 49152) at 1 and 32 rows. The CPU capability decides which kernels PyTorch dispatches to,
+so the figures differ a lot between AVX2 and AVX-512 machines.
 """
 
 from __future__ import annotations

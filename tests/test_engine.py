@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import tokenloom
-from tokenloom import kernels
 from tests.test_seq2seq import VOCAB, tiny_t5
 from tests.tiny import save_tiny, train_tokenizer
 from tokenloom.engine.beam import beam_search
 from tokenloom.engine.engine import Engine
 from tokenloom.engine.serving import EngineService, QueueFullError
 from tokenloom.errors import TokenloomError
+from tokenloom.models.base import rows_independent
 
 PROMPTS = ["Once upon a time", "The quick brown fox jumps over the lazy dog", "def add(a, b):", "A",
            "The fox and the dog", "Once", "The quick brown fox", "dog dog dog", "a b c d e f g h",
@@ -315,7 +315,7 @@ def test_the_cache_allocates_what_is_needed_and_grows_in_place(llama):
     cache = SlotCache(llama.network, torch.float32, "cpu")
     cache.reserve(3, 20)
     # our float kernel's rows are independent of the row count; MKL's only in fours (MIN_ROWS)
-    rows = 3 if kernels.library() is not None else 4
+    rows = 3 if rows_independent(torch.float32, "cpu") else 4
     assert (cache.rows, cache.width) == (rows, 2 * CPU_BLOCK)
     for t in cache.k + cache.v:
         t.normal_()

@@ -210,24 +210,24 @@ def is_prefill(x: torch.Tensor) -> bool:
     return x.dim() > 2 and x.shape[-2] > 1 and x.numel() // x.shape[-1] >= DENSE_MIN
 
 
+def rows_independent(dtype: torch.dtype, device) -> bool:
+    """Whether float products here run in `linear`'s own kernel, whose rows' numbers do not
+    depend on the row count (the engine then pads no rows, engine/slots.py)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and kernels.library() is not None
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, but on CPU in float32 anything short of a prefill runs in kernels.f32_mm, whose
     rows' numbers do not depend on the row count: a request decodes to the same bits alone or
     among others (engine/slots.py). MKL's sgemm changes kernels with the row count at a threshold
-    that depends on the shape (3 to 57 rows measured on AVX-512). Ours is also faster at decode:
-    SmolLM2-135M's 30 layers and head, ms at 1 / 4 / 8 / 32 rows, MKL against ours: AVX-512
-    12.1 / 21.7 / 33.5 / 76.9 against 9.7 / 12.8 / 20.1 / 68.6; AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2,
-    TOKENLOOM_KERNELS=avx2) 10.5 / 29.0 / 41.2 / 91.3 against 9.6 / 18.3 / 26.9 / 82.2
-    (benchmarks/bench_kernels.py shows the layers)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and not is_prefill(x)
-            and not torch.is_grad_enabled() and kernels.library() is not None):
+    that depends on the shape (3 to 57 rows measured on AVX-512). The price, measured with
+    benchmarks/bench_kernels.py (30 layers of SmolLM2-135M, weights from memory; three runs on
+    AVX-512, ms, MKL against ours): 1 row 22-27 against 24-30, 4 rows 42-47 against 35-37, 8 rows
+    49-58 against 39-43, 32 rows 70-76 against 63-99; the head at 32 rows 12.5-16.9 against 17-20."""
+    if (rows_independent(x.dtype, x.device) and w.dtype == torch.float32 and not is_prefill(x)
+            and not torch.is_grad_enabled()):
         return kernels.f32_mm(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, b)
-
-
-def rows_independent(dtype: torch.dtype, device) -> bool:
-    """Whether every float product of a step gives a row the same numbers at any row count."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32 and kernels.library() is not None
 
 
 class Linear(nn.Linear):
@@ -243,7 +243,7 @@ class OutputHead(Linear):
     Decode steps (and a prompt's last position) take `linear`. A prefill's full logits on CPU in
     float32 run in oneDNN: MKL's sgemm is slow for this wide shape, so the weight is also kept in
     oneDNN's layout, made on first use and rebuilt if the weight changes. (At 1 / 8 / 32 rows,
-    oneDNN 3.3 / 9.2 / 15.7 ms, ours 2.8 / 7.7 / 13.8 ms here.)
+    oneDNN 3.3 / 9.2 / 15.7 ms, ours 2.8 / 7.7 / 13.8 ms, one A/B run here.)
     """
 
     _packed: torch.Tensor | None = None
